@@ -1,0 +1,54 @@
+"""VitcliError -> one ``Error: ...`` line on stderr and a stable exit code (1 job, 2 usage).
+
+Set VITCLI_DEBUG=1 to get the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import typer
+
+DEBUG_ENV = "VITCLI_DEBUG"
+
+
+def debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print ``Error: message`` to stderr and return the Exit to raise."""
+    from vitcli.console import err
+
+    err.print(f"[bold red]Error:[/] {message}", highlight=False, markup=True)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def handled_errors() -> Iterator[None]:
+    """Wrap a command body: typed errors become one line; Ctrl-C exits 130; bugs say how to debug."""
+    from vitcli.errors import VitcliError
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except VitcliError as e:
+        if debug():
+            raise
+        raise fail(_escape(str(e)), e.exit_code) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", 130) from None
+    except Exception as e:
+        if debug():
+            raise
+        raise fail(f"{_escape(f'{type(e).__name__}: {e}'.splitlines()[0])} (an internal error; "
+                   f"rerun with {DEBUG_ENV}=1 for the traceback and report it)", 1) from None
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

@@ -1,0 +1,48 @@
+"""Option aliases shared by every command (``Annotated`` types, help on each)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+# Keep in sync with vitcli.models.DEFAULT_MODEL (not imported here: it would import torch).
+DEFAULT_MODEL = "vit_small_patch16_224.augreg_in21k_ft_in1k"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+ModelOpt = Annotated[str, typer.Option(
+    "--model", "-m",
+    help="timm name[.tag] (weights from the Hugging Face Hub, cached), a model folder "
+         "(config.json + model.safetensors, e.g. runs/finetune/exp/best), or a name in the weights/ store.",
+)]
+WeightsOpt = Annotated[Path | None, typer.Option(
+    "--weights", "-w",
+    help="Weights file for the --model architecture: .safetensors, .pth/.pt/.bin state dict "
+         "(loaded with weights_only=True) or the original ViT JAX .npz.",
+)]
+DeviceOpt = Annotated[Device, typer.Option(
+    "--device", help="Where to run: auto picks cuda, then mps, then cpu.",
+)]
+PrecisionOpt = Annotated[Precision, typer.Option(
+    "--precision", help="fp32, or bf16/fp16 autocast (bf16 on CPUs with AVX512-BF16/AMX; fp16 on GPUs).",
+)]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
+WorkersOpt = Annotated[int | None, typer.Option(
+    "--workers", "-j", min=0, help="DataLoader worker processes for decoding (default: CPU cores, at most 4).",
+)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")]

@@ -1,0 +1,41 @@
+"""The root ``vitcli`` app: --version and the command table. Imports no torch/timm."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from vitcli import __version__
+from vitcli.cli import predict, weights
+
+app = typer.Typer(
+    name="vitcli",
+    help="Classify images, fine-tune, inspect and export Vision Transformers (built on timm).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"vitcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """vitcli: image classification with Vision Transformers."""
+
+
+app.command("predict")(predict.predict)
+app.add_typer(weights.app, name="weights")
+
+
+def main() -> None:
+    app()

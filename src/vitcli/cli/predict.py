@@ -1,0 +1,152 @@
+"""`vitcli predict`: top-k labels for images, folders, globs, lists and URLs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitcli.cli._errors import fail, handled_errors
+from vitcli.cli._options import (
+    DEFAULT_MODEL,
+    BatchSizeOpt,
+    Device,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    Precision,
+    PrecisionOpt,
+    WeightsOpt,
+    WorkersOpt,
+)
+
+PROGRESS_MIN_IMAGES = 64
+
+
+def predict(
+    inputs: Annotated[list[str] | None, typer.Argument(
+        help="Image files, folders (searched recursively), glob patterns ('photos/**/*.jpg') or http(s) URLs.",
+        show_default=False)] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    weights: WeightsOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels to show per image.")] = 5,
+    files_from: Annotated[str | None, typer.Option(
+        "--files-from", "-f", help="Text file with one image path or URL per line; '-' reads stdin.")] = None,
+    json_out: JsonOpt = False,
+    csv_out: Annotated[Path | None, typer.Option(
+        "--csv", help="Also write every prediction to this CSV file (source,rank,index,label,prob,error).")] = None,
+    batch_size: BatchSizeOpt = 32,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = Device.auto,
+    precision: PrecisionOpt = Precision.fp32,
+    tta: Annotated[bool, typer.Option("--tta", help="Average with the horizontally flipped image.")] = False,
+    exact_decode: Annotated[bool, typer.Option(
+        "--exact-decode", help="Decode JPEGs at full size (slower; by default libjpeg downscales large "
+                               "photos, never below the model's resize target).")] = False,
+) -> None:
+    """Predict the top-k labels of images.
+
+    Example: vitcli predict photos/ cat.jpg --model deit_tiny_patch16_224 --top-k 3
+
+    --json prints JSON Lines: one object per image, {"source", "predictions": [{"rank", "index",
+    "label", "prob"}], "error"}. Exit code 1 if any input failed (the rest are still predicted).
+    """
+    with handled_errors():
+        from vitcli.data import expand_inputs, read_path_list
+
+        raw = list(inputs or [])
+        if files_from is not None:
+            raw += read_path_list(files_from)
+        if not raw:
+            raise fail("no images given; pass files, folders, globs or URLs, or --files-from FILE", 2)
+        sources, problems = expand_inputs(raw)
+        # the model loads even when no input exists, so a bad --model is reported as such (exit 2)
+        results = _run(sources, model, weights, top_k, batch_size, workers, device, precision, tta,
+                       not exact_decode)
+        _report(results, problems, json_out, csv_out)
+        failed = len(problems) + sum(not r.ok for r in results)
+        if failed:
+            raise typer.Exit(1)
+
+
+def _run(sources, model, weights, top_k, batch_size, workers, device, precision, tta, fast_decode):
+    from vitcli.console import err
+    from vitcli.models import load_model
+    from vitcli.predict import PredictOptions
+    from vitcli.predict import predict as run_predict
+
+    with err.status(f"loading {model}"):
+        loaded = load_model(model, weights)
+    options = PredictOptions(top_k=top_k, batch_size=batch_size, workers=workers, device=device.value,
+                             precision=precision.value, tta=tta, fast_decode=fast_decode)
+    stream = run_predict(loaded, sources, options)
+    if len(sources) < PROGRESS_MIN_IMAGES:
+        return list(stream)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    results = []
+    columns = [TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("predict", total=len(sources))
+        for result in stream:
+            results.append(result)
+            progress.advance(task)
+    return results
+
+
+def _report(results, problems, json_out: bool, csv_out: Path | None) -> None:
+    import json
+
+    from vitcli.console import err, out
+
+    for problem in problems:
+        err.print(f"[bold red]Error:[/] {problem.source}: {problem.reason}", highlight=False)
+    for r in results:
+        if not r.ok:
+            err.print(f"[bold red]Error:[/] {r.source}: {r.error}", highlight=False)
+    if csv_out is not None:
+        _write_csv(csv_out, results, problems)
+    if json_out:
+        for r in [*problems, *results]:
+            error = getattr(r, "error", None) or getattr(r, "reason", None)
+            record = {"source": r.source,
+                      "predictions": [vars(label) for label in getattr(r, "top", [])],
+                      "error": error}
+            out.out(json.dumps(record), highlight=False)
+        return
+    ok = [r for r in results if r.ok]
+    if ok:
+        out.print(_table(ok))
+
+
+def _table(results):
+    from rich.table import Table
+
+    table = Table(show_lines=False, header_style="bold")
+    table.add_column("image", overflow="fold")
+    table.add_column("#", justify="right")
+    table.add_column("label")
+    table.add_column("prob", justify="right")
+    for r in results:
+        for label in r.top:
+            table.add_row(r.source if label.rank == 1 else "", str(label.rank), label.label,
+                          f"{label.prob:.4f}", end_section=label.rank == len(r.top))
+    return table
+
+
+def _write_csv(path: Path, results, problems) -> None:
+    import csv
+
+    from vitcli.fileio import atomic_open
+
+    with atomic_open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["source", "rank", "index", "label", "prob", "error"])
+        for r in results:
+            if not r.ok:
+                writer.writerow([r.source, "", "", "", "", r.error])
+            for label in r.top:
+                writer.writerow([r.source, label.rank, label.index, label.label, f"{label.prob:.6f}", ""])
+        for p in problems:
+            writer.writerow([p.source, "", "", "", "", p.reason])

@@ -1,0 +1,60 @@
+"""`vitcli weights`: the local model store (pull a hub model into it, list what is there)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from vitcli.cli._errors import handled_errors
+from vitcli.cli._options import JsonOpt
+
+app = typer.Typer(help="The local model store (weights/, or $VITCLI_WEIGHTS): load models offline.",
+                  no_args_is_help=True)
+
+
+@app.command("pull")
+def pull(
+    names: Annotated[list[str], typer.Argument(help="timm names[.tag] to download, e.g. deit_tiny_patch16_224.")],
+) -> None:
+    """Download hub models into the store as model folders, for offline use.
+
+    Example: vitcli weights pull vit_base_patch16_224.augreg2_in21k_ft_in1k
+    """
+    with handled_errors():
+        from vitcli.console import err, out
+        from vitcli.models import pull_to_store
+
+        for name in names:
+            with err.status(f"pulling {name}"):
+                folder = pull_to_store(name)
+            out.print(f"{name} -> {folder}", highlight=False)
+
+
+@app.command("list")
+def list_(json_out: JsonOpt = False) -> None:
+    """List the models in the store.
+
+    Example: vitcli weights list
+    """
+    with handled_errors():
+        import json
+
+        from rich.table import Table
+
+        from vitcli.console import err, out
+        from vitcli.models import list_store, store_dir
+
+        entries = list_store()
+        if json_out:
+            out.out(json.dumps(entries, indent=2), highlight=False)
+            return
+        if not entries:
+            err.print(f"the store {store_dir()}/ is empty; add one with `vitcli weights pull NAME`")
+            return
+        table = Table(title=f"{store_dir()}/")
+        for column in ("name", "architecture", "classes", "MB"):
+            table.add_column(column)
+        for e in entries:
+            table.add_row(e["name"], e["architecture"], str(e["num_classes"]), f"{e['bytes'] / 1e6:.1f}")
+        out.print(table)

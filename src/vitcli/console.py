@@ -1,0 +1,8 @@
+"""The two consoles: results go to stdout, logs and progress to stderr (so `--json | jq` works)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True)

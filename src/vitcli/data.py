@@ -1,0 +1,197 @@
+"""Images in, tensors out: input expansion, robust image loading, transforms from the model's config.
+
+Image rules (documented in the README):
+  * EXIF orientation is applied before anything else.
+  * Animated images (GIF, WebP, APNG) use their first frame.
+  * Transparency (RGBA, LA, P with a transparent colour) is composited onto a white background.
+  * 16-bit and 32-bit integer images are scaled to 8 bits; CMYK, YCbCr, grayscale and palette
+    images are converted to RGB.
+  * Images over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) are refused.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import sys
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vitcli.errors import ImageLoadError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                              ".ppm", ".pgm", ".pbm", ".jfif"})
+URL_MAX_BYTES = 50 * 1024 * 1024
+URL_TIMEOUT_S = 15.0
+
+
+# ------------------------------------------------------------------------------ input expansion
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """An input argument that named no image (a missing path, an empty folder, a glob with no match)."""
+
+    source: str
+    reason: str
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def read_path_list(list_file: str) -> list[str]:
+    """Paths from a text file, one per line (``-`` reads stdin); blank lines and # comments skipped."""
+    if list_file == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        path = Path(list_file)
+        if not path.is_file():
+            raise ImageLoadError(list_file, "list file does not exist; give a text file with one path per line")
+        lines = path.read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def expand_inputs(inputs: Iterable[str]) -> tuple[list[str], list[InputProblem]]:
+    """Files, folders (recursive, by extension), glob patterns and URLs -> image sources, in order.
+
+    Explicit files are kept whatever their extension (a non-image then fails when read, by name).
+    """
+    sources: list[str] = []
+    problems: list[InputProblem] = []
+    for raw in inputs:
+        if is_url(raw):
+            sources.append(raw)
+            continue
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and is_image_path(p))
+            if not found:
+                problems.append(InputProblem(raw, "folder has no images "
+                                             f"({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}, ...)"))
+            sources.extend(found)
+        elif path.exists():
+            sources.append(str(path))
+        elif glob.has_magic(raw):
+            found = sorted(p for p in glob.glob(str(path), recursive=True)
+                           if Path(p).is_file() and is_image_path(Path(p)))
+            if not found:
+                problems.append(InputProblem(raw, "no image matches this pattern"))
+            sources.extend(found)
+        else:
+            problems.append(InputProblem(raw, "no such file or directory"))
+    return sources, problems
+
+
+# --------------------------------------------------------------------------------- image loading
+
+
+def fetch_url(url: str, max_bytes: int = URL_MAX_BYTES, timeout: float = URL_TIMEOUT_S) -> bytes:
+    """Download an image with a size limit and a timeout."""
+    request = urllib.request.Request(url, headers={"User-Agent": "vitcli"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None and int(length) > max_bytes:
+                raise ImageLoadError(url, f"download is {int(length) / 2**20:.0f} MiB, over the "
+                                     f"{max_bytes / 2**20:.0f} MiB limit")
+            data = response.read(max_bytes + 1)
+    except ImageLoadError:
+        raise
+    except Exception as e:  # URLError, HTTPError, timeout, ...
+        raise ImageLoadError(url, f"could not download ({getattr(e, 'reason', e)}); "
+                             "check the URL and your connection") from e
+    if len(data) > max_bytes:
+        raise ImageLoadError(url, f"download is over the {max_bytes / 2**20:.0f} MiB limit")
+    return data
+
+
+def load_image(source: str, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Open one image as 8-bit RGB, applying the module's rules, or raise ImageLoadError.
+
+    Args:
+        source: a path or an http(s) URL.
+        draft_size: for JPEGs, let libjpeg decode at a reduced scale that still covers this
+            (width, height); much faster for large photos (see README, "Speed").
+    """
+    if is_url(source):
+        fp: Any = io.BytesIO(fetch_url(source))
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageLoadError(source, "no such file" if not path.exists() else "not a file")
+        if path.stat().st_size == 0:
+            raise ImageLoadError(source, "file is empty (0 bytes)")
+        fp = path
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns between 1x and 2x its pixel limit and raises above 2x: refuse both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fp) as img:
+                if draft_size is not None and img.format == "JPEG":
+                    img.draft("RGB", draft_size)
+                img.load()
+                return to_rgb(ImageOps.exif_transpose(img))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(source, f"image is over Pillow's decompression-bomb limit ({e}); "
+                             "raise PIL.Image.MAX_IMAGE_PIXELS only for files you trust") from e
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(source, "not an image Pillow can read") from e
+    except (OSError, SyntaxError, ValueError) as e:  # truncated data, broken headers
+        raise ImageLoadError(source, f"corrupt or truncated image ({str(e).strip() or type(e).__name__})") from e
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB (first frame; alpha onto white; high bit depths scaled to 8 bits)."""
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr * (255.0 / peak), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+# -------------------------------------------------------------------------------- transforms
+
+
+def eval_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], Any]:
+    """timm's own eval transform for the model's data config (resize, center crop, normalize)."""
+    from timm.data import create_transform
+
+    return create_transform(**data_config, is_training=False)
+
+
+def train_transform(data_config: dict[str, Any], **overrides: Any) -> Callable[[Image.Image], Any]:
+    """timm's train transform (RandomResizedCrop, flip, optional RandAugment) for the data config."""
+    from timm.data import create_transform
+
+    return create_transform(**data_config, is_training=True, **overrides)
+
+
+def draft_size_for(data_config: dict[str, Any]) -> tuple[int, int]:
+    """The smallest decode size that keeps the eval resize a downscale (no upsampling)."""
+    _, height, width = data_config["input_size"]
+    crop_pct = data_config.get("crop_pct") or 1.0
+    side = int(max(height, width) / crop_pct) + 1
+    return side, side

@@ -1,0 +1,55 @@
+"""Typed errors. The core raises these; the CLI turns them into one line and an exit code.
+
+Every message says what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class VitcliError(Exception):
+    """A job that could not be done (exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageError(VitcliError):
+    """The command was asked for something that cannot work as given (exit code 2)."""
+
+    exit_code = 2
+
+
+class UnknownModelError(UsageError):
+    """A --model that is neither a timm name, a model folder nor an entry of the weights store."""
+
+
+class ModelLoadError(VitcliError):
+    """A model that exists but whose weights could not be had (hub unreachable, corrupt file)."""
+
+
+class HubUnreachableError(ModelLoadError):
+    """The Hugging Face Hub could not be reached and the weights are not cached."""
+
+
+class WeightsMismatchError(ModelLoadError):
+    """A weights file whose keys or shapes do not fit the architecture."""
+
+
+class UnsafeCheckpointError(ModelLoadError):
+    """A pickle that needs arbitrary Python objects: refused, never executed."""
+
+
+class ImageLoadError(VitcliError):
+    """One input image that could not be read or decoded."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class DatasetError(VitcliError):
+    """A training or evaluation folder that cannot be used as given."""
+
+
+class MissingExtraError(VitcliError):
+    """An optional dependency that is not installed."""

@@ -1,0 +1,497 @@
+"""Everything that touches ``timm.create_model``: one resolver that every command reuses.
+
+``--model`` may be
+  1. a timm name with an optional pretrained tag (``vit_base_patch16_224.augreg2_in21k_ft_in1k``),
+     whose weights come from the Hugging Face Hub through timm and are cached;
+  2. a model folder in timm's hub layout (``config.json`` + ``model.safetensors``), as
+     ``timm.models.save_for_hf`` and ``vitcli finetune`` write it (``local-dir:`` prefix optional);
+  3. any of those names plus ``--weights FILE`` (.safetensors, .pth/.pt/.bin state dicts, JAX .npz);
+  4. a name found in the local model store (``weights/`` or ``$VITCLI_WEIGHTS``), loaded offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import os
+import pickle
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import timm
+import torch
+from torch import nn
+
+from vitcli.errors import (
+    HubUnreachableError,
+    ModelLoadError,
+    UnknownModelError,
+    UnsafeCheckpointError,
+    UsageError,
+    WeightsMismatchError,
+)
+
+# ViT-S/16 pretrained on ImageNet-21k and fine-tuned on ImageNet-1k (the paper's "pretrain large,
+# fine-tune" recipe, AugReg weights): 81.4% top-1 at 22M parameters, fast enough on a laptop CPU.
+DEFAULT_MODEL = "vit_small_patch16_224.augreg_in21k_ft_in1k"
+STORE_ENV = "VITCLI_WEIGHTS"
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@dataclass
+class LoadedModel:
+    """A built model and everything needed to use it: labels, preprocessing, where it came from."""
+
+    model: nn.Module
+    name: str  # what the user asked for
+    arch: str  # timm architecture name
+    source: str  # "hub", "cache", "local-dir", "store", "weights", "random"
+    labels: list[str]
+    data_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+
+# ----------------------------------------------------------------------------------------- names
+
+
+def store_dir() -> Path:
+    """The local model store: ``$VITCLI_WEIGHTS`` if set, else ``./weights``."""
+    return Path(os.environ.get(STORE_ENV) or "weights").expanduser()
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``'vit_small_patch16_224.augreg_in21k'`` -> ``('vit_small_patch16_224', 'augreg_in21k')``."""
+    arch, _, tag = name.partition(".")
+    return arch, tag
+
+
+def check_arch(name: str) -> str:
+    """Return the architecture of a timm name, or raise with the closest valid names."""
+    arch, tag = split_name(name)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "see `timm.list_models('vit_*')`"
+        raise UnknownModelError(f"unknown model '{name}'; {hint}")
+    if tag and name not in timm.list_pretrained(f"{arch}.*"):
+        tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch}.*")]
+        close = difflib.get_close_matches(tag, tags, n=3, cutoff=0.3) or tags[:3]
+        hint = f"; did you mean {', '.join(f'{arch}.{t}' for t in close)}?" if close else ""
+        raise UnknownModelError(f"unknown pretrained tag '{tag}' for {arch}{hint}")
+    return arch
+
+
+def is_model_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def find_in_store(name: str) -> Path | None:
+    """A store entry for ``name``: a model folder ``weights/NAME/`` or a file ``weights/NAME.<ext>``."""
+    store = store_dir()
+    if not name or "/" in name or not store.is_dir():
+        return None
+    if is_model_folder(store / name):
+        return store / name
+    for suffix in WEIGHT_SUFFIXES:
+        if (store / f"{name}{suffix}").is_file():
+            return store / f"{name}{suffix}"
+    return None
+
+
+def list_store() -> list[dict[str, Any]]:
+    """Entries of the local model store, for ``vitcli weights list``."""
+    import json
+
+    store = store_dir()
+    entries: list[dict[str, Any]] = []
+    if not store.is_dir():
+        return entries
+    for path in sorted(store.iterdir()):
+        if is_model_folder(path):
+            cfg = json.loads((path / "config.json").read_text())
+            size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+            arch, classes = cfg.get("architecture", "?"), cfg.get("num_classes", "?")
+        elif path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+            size, arch, classes = path.stat().st_size, split_name(path.stem)[0], "?"
+        else:
+            continue
+        entries.append({"name": path.stem if path.is_file() else path.name, "path": str(path),
+                        "architecture": arch, "num_classes": classes, "bytes": size})
+    return entries
+
+
+# ------------------------------------------------------------------------------------ resolving
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    weights: str | Path | None = None,
+    *,
+    pretrained: bool = True,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    labels: list[str] | None = None,
+    **model_kwargs: Any,
+) -> LoadedModel:
+    """Build a timm model from any form of ``--model`` (see module docstring).
+
+    Args:
+        name: timm name[.tag], a model folder, ``local-dir:PATH``, ``hf-hub:ID`` or a store entry.
+        weights: a weights file applied to the architecture ``name``.
+        pretrained: False builds the architecture with random weights (training from scratch).
+        num_classes: a new classifier size; pretrained heads of another size are dropped.
+        img_size: input resolution; ViT position embeddings are resampled by timm to fit.
+        labels: class names for a new head (default: the model's own, ImageNet's, or class_N).
+        model_kwargs: passed to ``timm.create_model`` (drop_path_rate, ...).
+    """
+    kwargs = {k: v for k, v in dict(model_kwargs, num_classes=num_classes, img_size=img_size).items()
+              if v is not None}
+    folder = _as_model_folder(name)
+    if weights is not None:
+        arch = check_arch(name)
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        load_weights(model, Path(weights), new_head=num_classes is not None)
+        source = "weights"
+    elif folder is not None:
+        model = _create(f"local-dir:{folder.resolve()}", pretrained=pretrained, **kwargs)
+        arch = model.pretrained_cfg.get("architecture", split_name(name)[0])
+        source = "local-dir"
+    elif (entry := find_in_store(name)) is not None:
+        if entry.is_dir():
+            model = _create(f"local-dir:{entry.resolve()}", pretrained=pretrained, **kwargs)
+            arch = model.pretrained_cfg.get("architecture", split_name(name)[0])
+        else:
+            arch = check_arch(name)
+            model = timm.create_model(name, pretrained=False, **kwargs)
+            if pretrained:
+                load_weights(model, entry, new_head=num_classes is not None)
+        source = "store"
+    elif name.startswith("hf-hub:"):
+        model = _create_from_hub(name, pretrained, kwargs)
+        arch, source = model.pretrained_cfg.get("architecture", name), "hub"
+    else:
+        if Path(name).suffix in WEIGHT_SUFFIXES and Path(name).is_file():
+            raise UsageError(f"'{name}' is a weights file; name its architecture too: "
+                             f"--model ARCH --weights {name}")
+        arch = check_arch(name)
+        model = _create_from_hub(name, pretrained, kwargs)
+        source = "hub" if pretrained else "random"
+    model.eval()
+    return LoadedModel(
+        model=model,
+        name=name,
+        arch=arch,
+        source=source,
+        labels=labels or model_labels(model),
+        data_config=timm.data.resolve_model_data_config(model),
+    )
+
+
+def _as_model_folder(name: str) -> Path | None:
+    """The folder meant by ``name`` if it is a path (or ``local-dir:`` path) to one."""
+    raw = name.removeprefix("local-dir:")
+    looks_like_path = raw != name or os.sep in raw or raw.startswith(".") or Path(raw).is_dir()
+    if not looks_like_path:
+        return None
+    path = Path(raw).expanduser()
+    if is_model_folder(path):
+        return path
+    if path.is_dir():
+        raise UsageError(f"model folder '{path}' has no config.json; expected timm's hub layout "
+                         "(config.json + model.safetensors) as `vitcli finetune` writes it")
+    if raw != name or not (path.suffix in WEIGHT_SUFFIXES and path.is_file()):
+        raise UsageError(f"model folder '{path}' does not exist; give a timm name "
+                         f"(e.g. {DEFAULT_MODEL}) or a folder with config.json + model.safetensors")
+    return None
+
+
+def _create(name: str, **kwargs: Any) -> nn.Module:
+    try:
+        return timm.create_model(name, **kwargs)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not load model '{name.removeprefix('local-dir:')}': "
+                             f"{_first_line(e)}") from e
+
+
+def _create_from_hub(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """timm.create_model for hub weights, failing fast with one line when the hub is unreachable."""
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    offline = not hub_reachable()
+    try:
+        # Offline, only the local Hugging Face cache is used (no retries for a minute).
+        with _hub_offline(offline):
+            return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as e:  # huggingface_hub raises many types (OSError, HfHubHTTPError, ...)
+        if offline or _is_network_error(e):
+            raise HubUnreachableError(
+                f"could not reach the Hugging Face Hub to download '{name}' and it is not cached; "
+                f"use --weights FILE, a local model folder, or run `vitcli weights pull {name}` "
+                f"where there is internet and copy the folder into {store_dir()}/"
+            ) from e
+        raise ModelLoadError(f"could not load pretrained weights for '{name}': {_first_line(e)}") from e
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One TCP connect to the hub endpoint (huggingface_hub itself retries for ~45 s offline)."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return False
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _is_network_error(e: BaseException) -> bool:
+    names = {type(x).__name__ for x in _chain(e)}
+    return bool(names & {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError",
+                         "ConnectError", "ConnectTimeout", "gaierror"})
+
+
+def _chain(e: BaseException | None) -> Iterator[BaseException]:
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------- weight files
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file or a .pth/.pt/.bin state dict (never unpickling code)."""
+    if not path.is_file():
+        raise UsageError(f"weights file '{path}' does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        import safetensors.torch
+
+        try:
+            return safetensors.torch.load_file(str(path), device="cpu")
+        except Exception as e:
+            raise ModelLoadError(f"'{path}' is not a readable .safetensors file ({_first_line(e)})") from e
+    if suffix not in (".pth", ".pt", ".bin", ".ckpt"):
+        raise UsageError(f"unsupported weights file '{path.name}'; use .safetensors, .pth/.pt/.bin or .npz")
+    try:
+        # timm's own training checkpoints carry an argparse.Namespace of their arguments
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"refused to load '{path}': it needs arbitrary Python objects to unpickle, which could run "
+            "code; vitcli loads plain tensors only (weights_only=True): save a state_dict or .safetensors"
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ModelLoadError(f"'{path}' is not a readable PyTorch checkpoint ({_first_line(e)})") from e
+    return unwrap_state_dict(checkpoint, path)
+
+
+def unwrap_state_dict(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint (``model``/``state_dict`` wrappers, DDP prefixes removed)."""
+    if isinstance(checkpoint, dict):
+        for key in ("state_dict", "model", "model_state_dict", "module"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ModelLoadError(f"'{path}' holds no state dict of tensors (keys: {list(checkpoint)[:5]})")
+    return timm.models.clean_state_dict(checkpoint)
+
+
+def load_weights(model: nn.Module, path: Path, *, new_head: bool = False) -> None:
+    """Load a weights file into ``model`` strictly, naming the first mismatches if it doesn't fit.
+
+    The architecture's own ``checkpoint_filter_fn`` adapts original releases (DeiT, JAX-converted
+    keys) and resamples position embeddings to the model's resolution. With ``new_head`` a
+    classifier of another size is left freshly initialised (fine-tuning to new classes).
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".npz":
+        _load_npz(model, path)
+        return
+    state_dict = read_state_dict(path)
+    filter_fn = _checkpoint_filter_fn(model)
+    if filter_fn is not None:
+        with contextlib.suppress(Exception):  # a filter that can't handle these keys: check them as they are
+            state_dict = filter_fn(state_dict, model)
+    expected = model.state_dict()
+    if new_head:
+        head = _classifier_prefixes(model)
+        state_dict = {k: v for k, v in state_dict.items()
+                      if not (k.startswith(head) and k in expected and v.shape != expected[k].shape)}
+    problems = weight_mismatches(state_dict, expected, allow_missing=_classifier_prefixes(model) if new_head else ())
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        arch = model.pretrained_cfg.get("architecture", type(model).__name__)
+        raise WeightsMismatchError(f"'{path}' does not fit {arch}: {'; '.join(problems[:3])}{more}; "
+                                   "check that --model names the architecture these weights were trained for")
+    model.load_state_dict(state_dict, strict=not new_head)
+
+
+def weight_mismatches(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                      allow_missing: tuple[str, ...] = ()) -> list[str]:
+    """Human-readable differences between a state dict and a model's, in the model's key order."""
+    problems = []
+    for key, ref in expected.items():
+        if key not in state_dict:
+            if not (allow_missing and key.startswith(allow_missing)):
+                problems.append(f"missing {key} {tuple(ref.shape)}")
+        elif state_dict[key].shape != ref.shape:
+            problems.append(f"{key} has shape {tuple(state_dict[key].shape)}, model expects {tuple(ref.shape)}")
+    problems += [f"unexpected {key} {tuple(state_dict[key].shape)}" for key in state_dict if key not in expected]
+    return problems
+
+
+def _load_npz(model: nn.Module, path: Path) -> None:
+    """The original ViT release's JAX/Flax .npz files, through timm's own converter."""
+    if not path.is_file():
+        raise UsageError(f"weights file '{path}' does not exist")
+    if not hasattr(model, "load_pretrained"):
+        raise UsageError(f"'{path.name}' is a JAX .npz checkpoint, which timm reads for ViT models only; "
+                         "convert it to .safetensors or use a vit_* --model")
+    try:
+        model.load_pretrained(str(path))
+    except Exception as e:  # KeyError for a missing array, RuntimeError for a shape, ValueError for no npz
+        raise WeightsMismatchError(f"'{path}' does not fit {model.pretrained_cfg.get('architecture')}: "
+                                   f"{_first_line(e)}; check that --model names the right ViT") from e
+
+
+def _checkpoint_filter_fn(model: nn.Module) -> Any:
+    arch = model.pretrained_cfg.get("architecture")
+    if not arch or not timm.is_model(arch):
+        return None
+    module = sys.modules.get(timm.models.model_entrypoint(arch).__module__)
+    return getattr(module, "checkpoint_filter_fn", None)
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    classifier = model.pretrained_cfg.get("classifier") or "head"
+    names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+    return tuple(f"{n}." for n in names)
+
+
+# --------------------------------------------------------------------------------------- labels
+
+
+def model_labels(model: nn.Module) -> list[str]:
+    """Labels stored with the model, else ImageNet names for ImageNet-sized heads, else class_N."""
+    num_classes = getattr(model, "num_classes", 0) or 0
+    stored = model.pretrained_cfg.get("label_names")
+    if stored and len(stored) == num_classes:
+        return [str(s) for s in (stored.values() if isinstance(stored, dict) else stored)]
+    subset = timm.data.infer_imagenet_subset(model)
+    if subset:
+        info = timm.data.ImageNetInfo(subset)
+        return [info.index_to_description(i).split(",")[0] for i in range(num_classes)]
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+# --------------------------------------------------------------------------------- device, dtype
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps was asked for but MPS is not available; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"unknown --device '{device}'; use auto, cpu, cuda, cuda:N or mps") from e
+
+
+def cpu_supports_bf16() -> bool:
+    """Native bf16 matrix units (AVX512-BF16 or AMX) make CPU autocast worthwhile."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = ""
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+    return "avx512_bf16" in flags or "amx_bf16" in flags or capability == "AVX512_BF16"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context for ``--precision`` (fp32: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise UsageError(f"unknown --precision '{precision}'; use fp32, bf16 or fp16")
+    if device.type == "cpu" and dtype is torch.float16:
+        raise UsageError("--precision fp16 needs a GPU; on the CPU use bf16 (or fp32)")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------- saving
+
+
+def save_model_folder(model: nn.Module, folder: Path, labels: list[str],
+                      data_config: dict[str, Any] | None = None) -> Path:
+    """Write ``folder`` in timm's hub layout (config.json + model.safetensors), atomically.
+
+    ``timm.create_model('local-dir:FOLDER')`` and ``vitcli --model FOLDER`` load it back,
+    labels and preprocessing included.
+    """
+    from timm.models import save_for_hf
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_for_hf(model, tmp, model_config={"label_names": list(labels)},
+                    safe_serialization=True, data_config=data_config)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def pull_to_store(name: str) -> Path:
+    """Download a hub model through timm and keep it in the store as a model folder."""
+    loaded = load_model(name)
+    return save_model_folder(loaded.model, store_dir() / name, loaded.labels)

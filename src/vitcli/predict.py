@@ -1,0 +1,145 @@
+"""Batched prediction: image sources -> Prediction records. Never prints.
+
+Decoding and preprocessing run in DataLoader worker processes, overlapped with the forward pass
+in the main process; a file that fails to load becomes a Prediction with ``error`` set and the
+other images in its batch are still predicted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vitcli.data import draft_size_for, eval_transform, load_image
+from vitcli.errors import ImageLoadError, UsageError
+from vitcli.models import LoadedModel, autocast, resolve_device
+
+
+@dataclass(frozen=True)
+class Label:
+    """One of the top-k answers for an image."""
+
+    rank: int
+    index: int
+    label: str
+    prob: float
+
+
+@dataclass
+class Prediction:
+    """The top-k labels for one image source, or why it could not be read."""
+
+    source: str
+    top: list[Label] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    top_k: int = 5
+    batch_size: int = 32
+    workers: int | None = None  # None: one per CPU core, at most 4
+    device: str = "auto"
+    precision: str = "fp32"
+    tta: bool = False  # average the softmax of the image and its horizontal flip
+    fast_decode: bool = True  # JPEG DCT-domain downscaling, never below the resize target
+
+
+class ImageSourceDataset(torch.utils.data.Dataset):
+    """(image tensor or None, error or None) for each source, so one bad file spoils nothing."""
+
+    def __init__(self, sources: Sequence[str], transform: Callable[[Any], torch.Tensor],
+                 draft_size: tuple[int, int] | None = None):
+        self.sources = list(sources)
+        self.transform = transform
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str | None]:
+        try:
+            return self.transform(load_image(self.sources[i], self.draft_size)), None
+        except ImageLoadError as e:
+            return None, e.reason
+        except Exception as e:  # a transform that chokes on a pathological image
+            return None, f"could not preprocess ({type(e).__name__}: {e})"
+
+
+def _collate(items: list[tuple[torch.Tensor | None, str | None]]) -> tuple[torch.Tensor | None, list]:
+    """Stack the good images; keep each item's error (None where it loaded) in order."""
+    good = [x for x, _ in items if x is not None]
+    return (torch.stack(good) if good else None), [err for _, err in items]
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def predict(loaded: LoadedModel, sources: Sequence[str], options: PredictOptions = PredictOptions(),
+            on_batch: Callable[[int], None] | None = None) -> Iterator[Prediction]:
+    """Yield one Prediction per source, in input order.
+
+    Args:
+        loaded: the model from ``vitcli.models.load_model``.
+        sources: image paths or URLs.
+        options: batch size, workers, device, precision, TTA, top-k.
+        on_batch: called with the number of sources done after each batch (progress bars).
+    """
+    if options.top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    if options.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    device = resolve_device(options.device)
+    precision_ctx = autocast(device, options.precision)  # validates precision for the device
+    model = loaded.model.to(device).eval()
+    top_k = min(options.top_k, loaded.num_classes)
+    workers = default_workers() if options.workers is None else options.workers
+    draft = draft_size_for(loaded.data_config) if options.fast_decode else None
+    dataset = ImageSourceDataset(sources, eval_transform(loaded.data_config), draft)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=options.batch_size, shuffle=False, num_workers=min(workers, len(sources)),
+        collate_fn=_collate, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+    )
+    start = 0
+    with torch.inference_mode():
+        for images, errors in loader:
+            probs = None
+            if images is not None:
+                probs = forward_probs(model, images.to(device, non_blocking=True), precision_ctx, options.tta)
+                values, indices = probs.topk(top_k, dim=1)
+                values, indices = values.float().cpu().tolist(), indices.cpu().tolist()
+            row = 0
+            for offset, error in enumerate(errors):
+                source = sources[start + offset]
+                if error is not None:
+                    yield Prediction(source, error=error)
+                    continue
+                yield Prediction(source, top=[
+                    Label(rank + 1, idx, loaded.labels[idx], p)
+                    for rank, (idx, p) in enumerate(zip(indices[row], values[row], strict=True))
+                ])
+                row += 1
+            start += len(errors)
+            if on_batch is not None:
+                on_batch(start)
+
+
+def forward_probs(model: torch.nn.Module, images: torch.Tensor, precision_ctx: Any,
+                  tta: bool = False) -> torch.Tensor:
+    """Softmax probabilities (B, num_classes) in fp32, optionally averaged with the flipped images."""
+    with precision_ctx:
+        logits = model(images)  # (B, num_classes)
+        probs = logits.float().softmax(dim=1)
+        if tta:
+            probs = (probs + model(images.flip(-1)).float().softmax(dim=1)) / 2
+    return probs

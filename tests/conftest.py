@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny timm models saved as model folders, generated images, the shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("VITCLI_SHARED_DATA", REPO.parent / "shared" / "data"))
+DEIT_WEIGHTS = SHARED_DATA / "weights" / "deit_tiny_patch16_224.safetensors"
+TINY_LABELS = ["cat", "dog", "bird"]
+
+
+def shared(*parts: str) -> Path:
+    """A path under ../shared/data, skipping the test cleanly when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not available: {path}")
+    return path
+
+
+def make_image(path: Path, size: tuple[int, int] = (64, 48), mode: str = "RGB", seed: int = 0) -> Path:
+    """A random-noise image in any Pillow mode, saved by extension."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """timm's test_vit (3 classes, random weights) saved as a model folder with label names."""
+    import timm
+    import torch
+
+    from vitcli.models import save_model_folder
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=len(TINY_LABELS))
+    return save_model_folder(model.eval(), tmp_path_factory.mktemp("models") / "tiny", TINY_LABELS)
+
+
+@pytest.fixture
+def images(tmp_path) -> list[Path]:
+    """Three small RGB JPEG/PNG images."""
+    return [make_image(tmp_path / "imgs" / f"img{i}.{ext}", seed=i) for i, ext in enumerate(["jpg", "png", "jpg"])]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_store(tmp_path, monkeypatch):
+    """Every test sees an empty weights store and no hub, unless it sets its own."""
+    monkeypatch.setenv("VITCLI_WEIGHTS", str(tmp_path / "store"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
