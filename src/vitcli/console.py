@@ -5,4 +5,4 @@ from __future__ import annotations
 from rich.console import Console
 
 out = Console(soft_wrap=True)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one error = one line, whatever the width
