@@ -188,13 +188,16 @@ def load_model(
         model = _create_from_hub(name, pretrained, kwargs)
         source = "hub" if pretrained else "random"
     model.eval()
+    data_config = timm.data.resolve_model_data_config(model)
+    if img_size is not None:  # pretrained_cfg keeps the original resolution; feed the one built
+        data_config["input_size"] = (data_config["input_size"][0], img_size, img_size)
     return LoadedModel(
         model=model,
         name=name,
         arch=arch,
         source=source,
         labels=labels or model_labels(model),
-        data_config=timm.data.resolve_model_data_config(model),
+        data_config=data_config,
     )
 
 
@@ -313,7 +316,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"refused to load '{path}': it needs arbitrary Python objects to unpickle, which could run "
             "code; vitcli loads plain tensors only (weights_only=True): save a state_dict or .safetensors"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # garbage bytes raise anything: RuntimeError, EOFError, KeyError, ...
         raise ModelLoadError(f"'{path}' is not a readable PyTorch checkpoint ({_first_line(e)})") from e
     return unwrap_state_dict(checkpoint, path)
 

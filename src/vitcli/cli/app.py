@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from vitcli import __version__
-from vitcli.cli import predict, weights
+from vitcli.cli import evaluate, finetune, predict, weights
 
 app = typer.Typer(
     name="vitcli",
@@ -34,6 +34,8 @@ def root(
 
 
 app.command("predict")(predict.predict)
+app.command("evaluate")(evaluate.evaluate)
+app.command("finetune")(finetune.finetune)
 app.add_typer(weights.app, name="weights")
 
 

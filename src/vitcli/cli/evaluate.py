@@ -1,0 +1,176 @@
+"""`vitcli evaluate`: accuracy, loss, per-class metrics and confusion matrix on a labelled folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitcli.cli._errors import handled_errors
+from vitcli.cli._options import (
+    BatchSizeOpt,
+    Device,
+    DeviceOpt,
+    Precision,
+    PrecisionOpt,
+    WeightsOpt,
+    WorkersOpt,
+)
+
+PROGRESS_MIN_IMAGES = 64
+MATRIX_TABLE_MAX_CLASSES = 30  # larger confusion matrices: --json or --confusion-png
+
+
+def evaluate(
+    data: Annotated[Path, typer.Argument(
+        help="A folder of class sub-folders, or a dataset root: DATA/test is used, else DATA/val "
+             "(validation/, valid/), else DATA itself.", metavar="DATA", show_default=False)],
+    model: Annotated[str, typer.Option(
+        "--model", "-m",
+        help="A finetune run folder (runs/finetune/NAME: its best/ model), a model folder "
+             "(config.json + model.safetensors), a timm name[.tag] or a name in the weights/ store.",
+        metavar="RUN_OR_MODEL", show_default=False)],
+    weights: WeightsOpt = None,
+    split: Annotated[str | None, typer.Option(
+        "--split", "-s", help="Evaluate DATA/NAME (e.g. val, test, train) instead of the automatic choice.",
+        metavar="NAME")] = None,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON document to stdout instead of tables.")] = False,
+    confusion_png: Annotated[Path | None, typer.Option(
+        "--confusion-png", help="Also write the confusion matrix as a PNG image to this file.",
+        metavar="FILE")] = None,
+    batch_size: BatchSizeOpt = 32,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = Device.auto,
+    precision: PrecisionOpt = Precision.fp32,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Stop before evaluating if any image is unreadable (default: skip it).")] = False,
+) -> None:
+    """Evaluate a model on a folder-per-class split: top-1/top-5, loss, per-class metrics, confusion matrix.
+
+    Example: vitcli evaluate ./data --model runs/finetune/exp/best --confusion-png confusion.png
+
+    Class folders are matched to the model's labels by name, never by order; a class the model does
+    not know is an error. Top-5 is top-k with k = min(5, number of classes).
+
+    --json prints one JSON document: {"top1", "top5", "loss", "n_images", "folder", "per_class":
+    [{"label", "precision", "recall", "f1", "support"}], "confusion_matrix": {"labels", "matrix"},
+    "skipped": [{"path", "reason"}]} (matrix rows = true class, columns = predicted).
+
+    Unreadable images are listed on stderr and skipped; the scores cover the rest, and the exit
+    code is then 1 (as for predict: exit 1 if any input failed). --strict stops at the first one.
+    """
+    with handled_errors():
+        from vitcli.console import err
+        from vitcli.evaluate import evaluate_model, resolve_run_model
+        from vitcli.models import load_model
+
+        model_name = resolve_run_model(model)
+        if model_name != model:
+            err.print(f"using the model folder {model_name}", highlight=False)
+        with err.status(f"loading {model_name}"):
+            loaded = load_model(model_name, weights)
+        with _Progress() as on_batch:
+            result = evaluate_model(loaded, data, split=split, batch_size=batch_size, workers=workers,
+                                    device=device.value, precision=precision.value, strict=strict,
+                                    on_batch=on_batch)
+        for path, reason in result.skipped:
+            err.print(f"[bold red]Error:[/] {_escape(path)}: {_escape(reason)}", highlight=False)
+        if confusion_png is not None:
+            from vitcli.plots import save_confusion_matrix
+
+            title = f"{loaded.name} on {result.folder}"
+            save_confusion_matrix(result.matrix, result.labels, confusion_png, title=title)
+            err.print(f"wrote {confusion_png}", highlight=False)
+        _report(result, json_out)
+        if result.skipped:
+            raise typer.Exit(1)
+
+
+class _Progress:
+    """A context giving an ``on_batch(done, total)`` callback that shows a bar for many images."""
+
+    def __enter__(self):
+        self.progress = None
+        self.task = None
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        if self.progress is None:
+            if total < PROGRESS_MIN_IMAGES:
+                return
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            from vitcli.console import err
+
+            columns = [TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+            self.progress = Progress(*columns, console=err, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("evaluate", total=total)
+        self.progress.update(self.task, completed=done)
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _report(result, json_out: bool) -> None:
+    import json
+
+    from vitcli.console import err, out
+
+    if json_out:
+        out.out(json.dumps(result.to_dict()), highlight=False)
+        return
+    out.print(_summary_table(result))
+    out.print(_class_table(result))
+    if len(result.labels) <= MATRIX_TABLE_MAX_CLASSES:
+        out.print(_matrix_table(result))
+    else:
+        err.print(f"the confusion matrix has {len(result.labels)} classes: see it with --json or "
+                  "--confusion-png FILE", highlight=False)
+
+
+def _summary_table(result):
+    from rich.table import Table
+
+    table = Table(title=f"{result.folder}", header_style="bold", title_justify="left")
+    table.add_column("images", justify="right")
+    table.add_column("top-1", justify="right")
+    table.add_column(f"top-{result.top5_k}", justify="right")
+    table.add_column("loss", justify="right")
+    table.add_row(str(result.n_images), f"{result.top1:.2%}", f"{result.top5:.2%}", f"{result.loss:.4f}")
+    return table
+
+
+def _class_table(result):
+    from rich.table import Table
+
+    table = Table(header_style="bold")
+    table.add_column("class", overflow="fold")
+    for name in ("precision", "recall", "F1", "support"):
+        table.add_column(name, justify="right")
+    for m in result.per_class:
+        table.add_row(_escape(m.label), f"{m.precision:.4f}", f"{m.recall:.4f}", f"{m.f1:.4f}", str(m.support))
+    return table
+
+
+def _matrix_table(result):
+    from rich.table import Table
+
+    table = Table(title="confusion matrix (rows: true class, columns: predicted)", header_style="bold",
+                  title_justify="left")
+    table.add_column("true \\ predicted", overflow="fold")
+    for label in result.labels:
+        table.add_column(_escape(label), justify="right", overflow="fold")
+    for i, (label, row) in enumerate(zip(result.labels, result.matrix.tolist(), strict=True)):
+        cells = [f"[bold]{count}[/]" if j == i and count else str(count) for j, count in enumerate(row)]
+        table.add_row(_escape(label), *cells)
+    return table

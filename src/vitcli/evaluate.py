@@ -1,0 +1,242 @@
+"""Evaluation of a classifier on a folder-per-class split: accuracy, loss, per-class metrics,
+confusion matrix. Never prints.
+
+Folder class names are mapped to the model's labels *by name* (``datasets.map_classes``), never by
+folder order, so a model fine-tuned on ``DATA/train`` can be scored on ``DATA/test`` whatever
+classes that folder happens to contain. The confusion matrix covers the classes of the folder
+plus any other model class that was predicted, in the model's label order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitcli.datasets import LabeledImages, Sample, find_eval_dir, map_classes, scan_class_folders
+from vitcli.errors import DatasetError, ImageLoadError, UsageError
+from vitcli.models import LoadedModel, autocast, is_model_folder, resolve_device
+
+RUN_MODEL_NAMES = ("best", "last")  # model folders inside a `vitcli finetune` run, in order of preference
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    """Precision, recall and F1 of one class (0.0 where undefined), and its number of images."""
+
+    label: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass
+class EvalResult:
+    """Scores of a model on one folder. ``top1``/``top5`` are fractions; ``loss`` is mean cross-entropy."""
+
+    top1: float
+    top5: float
+    loss: float
+    n_images: int
+    labels: list[str]  # rows/columns of ``matrix``, in the model's label order
+    matrix: torch.Tensor  # (C, C) int64 counts, rows = true class, columns = predicted class
+    per_class: list[ClassMetrics]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): unreadable images
+    folder: str = ""
+    top5_k: int = 5  # the k of "top-5": min(5, the model's number of classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document of ``vitcli evaluate --json``."""
+        return {
+            "top1": self.top1,
+            "top5": self.top5,
+            "loss": self.loss,
+            "n_images": self.n_images,
+            "folder": self.folder,
+            "per_class": [asdict(m) for m in self.per_class],
+            "confusion_matrix": {"labels": list(self.labels), "matrix": self.matrix.tolist()},
+            "skipped": [{"path": path, "reason": reason} for path, reason in self.skipped],
+        }
+
+
+# ----------------------------------------------------------------------------------- metrics
+
+
+def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) int64 counts; ``matrix[t, p]`` is the number of images of class t predicted as p."""
+    targets = targets.reshape(-1).long().cpu()
+    preds = preds.reshape(-1).long().cpu()
+    if targets.shape != preds.shape:
+        raise ValueError(f"targets and preds differ in length ({targets.numel()} vs {preds.numel()})")
+    flat = targets * num_classes + preds  # (N,) index into the flattened matrix
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_metrics(matrix: torch.Tensor | Sequence[Sequence[int]], labels: Sequence[str]) -> list[ClassMetrics]:
+    """Precision, recall, F1 and support of each class of a confusion matrix (rows true).
+
+    A ratio with a zero denominator (a class never predicted, or with no images) is 0.0.
+    """
+    m = torch.as_tensor(matrix, dtype=torch.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] != len(labels):
+        raise ValueError(f"matrix of shape {tuple(m.shape)} does not fit {len(labels)} labels")
+    true_pos = m.diagonal()
+    support = m.sum(dim=1)  # images per true class
+    predicted = m.sum(dim=0)  # images per predicted class
+    metrics = []
+    for i, label in enumerate(labels):
+        tp = true_pos[i].item()
+        precision = tp / predicted[i].item() if predicted[i] > 0 else 0.0
+        recall = tp / support[i].item() if support[i] > 0 else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+        metrics.append(ClassMetrics(str(label), precision, recall, f1, int(support[i].item())))
+    return metrics
+
+
+# ------------------------------------------------------------------------------------ folders
+
+
+def resolve_run_model(name: str) -> str:
+    """``--model`` given as a `vitcli finetune` run folder -> its ``best/`` (else ``last/``) model folder."""
+    path = Path(name.removeprefix("local-dir:")).expanduser()
+    if path.is_dir() and not is_model_folder(path):
+        for sub in RUN_MODEL_NAMES:
+            if is_model_folder(path / sub):
+                return str(path / sub)
+    return name
+
+
+def eval_samples(data_dir: str | Path, labels: Sequence[str],
+                 split: str | None = None) -> tuple[Path, list[Sample]]:
+    """The folder to evaluate and its ``(path, model class index)`` samples, mapped by class name."""
+    folder = find_eval_dir(data_dir, split)
+    per_class = scan_class_folders(folder)
+    if not per_class:
+        raise DatasetError(f"'{folder}' has no class folders; expected {folder}/<class>/<images> "
+                           "(or DATA/test/, DATA/val/ with class folders)")
+    if split is None and folder == Path(data_dir).expanduser() and "train" in per_class and "train" not in labels:
+        raise DatasetError(f"'{folder}' has a train/ folder but no test/ or val/ folder; "
+                           "evaluate a held-out split, or pass --split train to score the training images")
+    index = map_classes(list(per_class), labels)
+    samples = [(path, index[name]) for name, files in per_class.items() for path in files]
+    if not samples:
+        raise DatasetError(f"no images in the class folders of '{folder}'")
+    return folder, samples
+
+
+class _TolerantImages(LabeledImages):
+    """LabeledImages that yields ``(None, target, reason)`` for an unreadable image instead of raising."""
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None]:  # type: ignore[override]
+        try:
+            image, target = super().__getitem__(i)
+            return image, target, None
+        except ImageLoadError as e:
+            return None, self.samples[i][1], e.reason
+        except Exception as e:  # a transform that chokes on a pathological image
+            return None, self.samples[i][1], f"could not preprocess ({type(e).__name__}: {e})"
+
+
+def _collate(items: list[tuple[torch.Tensor | None, int, str | None]]):
+    """Stack the readable images and their targets; keep every item's error (None where it loaded)."""
+    good = [(x, t) for x, t, _ in items if x is not None]
+    images = torch.stack([x for x, _ in good]) if good else None
+    targets = torch.tensor([t for _, t in good], dtype=torch.long)
+    return images, targets, [reason for _, _, reason in items]
+
+
+# --------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_model(
+    loaded: LoadedModel,
+    data_dir: str | Path,
+    split: str | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    strict: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Score ``loaded`` on a folder-per-class split.
+
+    Args:
+        loaded: the model from ``vitcli.models.load_model``; its labels name the classes.
+        data_dir: a split folder of class sub-folders, or a dataset root (DATA/test, else
+            DATA/val|validation|valid, else DATA itself; see ``datasets.find_eval_dir``).
+        split: a sub-folder of ``data_dir`` to evaluate instead of the automatic choice.
+        workers: DataLoader decoding processes (None: one per CPU core, at most 4).
+        device, precision: as for ``vitcli predict`` (``auto``/``cpu``/``cuda``; ``fp32``/``bf16``/``fp16``).
+        strict: an unreadable image is fatal (checked before evaluating) instead of skipped.
+        on_batch: called with (images done, total) after each batch, for progress bars.
+    """
+    from vitcli.data import eval_transform
+    from vitcli.datasets import drop_unreadable
+    from vitcli.predict import default_workers
+
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    torch_device = resolve_device(device)
+    precision_ctx = autocast(torch_device, precision)  # validates precision for the device
+    folder, samples = eval_samples(data_dir, loaded.labels, split)
+    if strict:
+        samples, _ = drop_unreadable(samples, strict=True)
+
+    num_classes = loaded.num_classes
+    k = min(5, num_classes)
+    model = loaded.model.to(torch_device).eval()
+    workers = default_workers() if workers is None else workers
+    loader = torch.utils.data.DataLoader(
+        _TolerantImages(samples, eval_transform(loaded.data_config)), batch_size=batch_size, shuffle=False,
+        num_workers=min(workers, len(samples)), collate_fn=_collate, pin_memory=torch_device.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    all_targets: list[torch.Tensor] = []
+    all_preds: list[torch.Tensor] = []
+    correct1 = correct_k = 0
+    loss_sum = 0.0
+    skipped: list[tuple[str, str]] = []
+    done = 0
+    with torch.inference_mode():
+        for images, targets, errors in loader:
+            skipped += [(samples[done + i][0], reason) for i, reason in enumerate(errors) if reason is not None]
+            done += len(errors)
+            if images is not None:
+                with precision_ctx:
+                    logits = model(images.to(torch_device, non_blocking=True))  # (B, num_classes)
+                logits = logits.float().cpu()
+                loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+                top = logits.topk(k, dim=1).indices  # (B, k)
+                hits = top == targets[:, None]  # (B, k)
+                correct1 += hits[:, 0].sum().item()
+                correct_k += hits.any(dim=1).sum().item()
+                all_targets.append(targets)
+                all_preds.append(top[:, 0])
+            if on_batch is not None:
+                on_batch(done, len(samples))
+
+    if not all_targets:
+        raise DatasetError(f"none of the {len(samples)} images in '{folder}' could be read")
+    matrix = confusion_matrix(torch.cat(all_targets), torch.cat(all_preds), num_classes)
+    n_images = int(matrix.sum().item())
+    # Keep the folder's classes and every class that was predicted: all counts stay in the matrix.
+    keep = sorted({target for _, target in samples} | set(matrix.sum(dim=0).nonzero().flatten().tolist()))
+    labels = [loaded.labels[i] for i in keep]
+    matrix = matrix[keep][:, keep]
+    return EvalResult(
+        top1=correct1 / n_images,
+        top5=correct_k / n_images,
+        loss=loss_sum / n_images,
+        n_images=n_images,
+        labels=labels,
+        matrix=matrix,
+        per_class=per_class_metrics(matrix, labels),
+        skipped=skipped,
+        folder=str(folder),
+        top5_k=k,
+    )

@@ -1,0 +1,432 @@
+"""The vitcli command line: exit codes, stdout/stderr separation, output schemas, real-data accuracy."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import DEIT_WEIGHTS, TINY_LABELS, make_image, shared
+from vitcli import __version__
+from vitcli.cli.app import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str, input: str | None = None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def predict_tiny(tiny_model_dir: Path, *args, input: str | None = None):
+    return invoke("predict", *args, "--model", tiny_model_dir, "--workers", "0", input=input)
+
+
+def json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def error_lines(stderr: str) -> list[str]:
+    lines = stderr.splitlines()
+    assert all(line.startswith("Error: ") for line in lines), stderr
+    return lines
+
+
+# ----------------------------------------------------------------------------- help and version
+
+
+def test_version():
+    result = invoke("--version")
+
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"vitcli {__version__}"
+
+
+def test_help_lists_the_commands():
+    result = invoke("--help")
+
+    assert result.exit_code == 0
+    assert "predict" in result.stdout and "weights" in result.stdout
+
+
+def test_predict_help_shows_an_example_and_the_options():
+    result = invoke("predict", "--help")
+
+    assert result.exit_code == 0
+    for text in ("Example: vitcli predict", "--model", "--weights", "--top-k", "--json", "--csv",
+                 "--files-from", "--exact-decode", "--tta", "--precision"):
+        assert text in result.stdout
+
+
+def test_python_m_vitcli_help_in_a_subprocess():
+    result = subprocess.run([sys.executable, "-m", "vitcli", "--help"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "COLUMNS": "120"})
+
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout and "predict" in result.stdout
+    assert result.stderr == ""
+
+
+def test_the_cli_app_imports_neither_torch_nor_timm():
+    code = ("import sys, vitcli.cli.app; "
+            "assert 'torch' not in sys.modules and 'timm' not in sys.modules, "
+            "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm'))[:5]")
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------------------ happy path
+
+
+def test_table_output(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_image(Path("a.jpg"))
+    make_image(Path("b.png"), seed=1)
+
+    result = predict_tiny(tiny_model_dir, "a.jpg", "b.png", "--top-k", "2")
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    assert "a.jpg" in result.stdout and "b.png" in result.stdout
+    assert sum(result.stdout.count(label) for label in TINY_LABELS) == 4  # two labels per image
+
+
+def test_json_lines_schema(tiny_model_dir, images):
+    result = predict_tiny(tiny_model_dir, images[0].parent, "--json", "--top-k", "2")
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    records = json_lines(result.stdout)
+    assert [r["source"] for r in records] == sorted(str(p) for p in images)
+    for record in records:
+        assert set(record) == {"source", "predictions", "error"}
+        assert record["error"] is None
+        predictions = record["predictions"]
+        assert len(predictions) == 2
+        assert all(set(p) == {"rank", "index", "label", "prob"} for p in predictions)
+        assert [p["rank"] for p in predictions] == [1, 2]
+        assert all(p["label"] == TINY_LABELS[p["index"]] for p in predictions)
+        probs = [p["prob"] for p in predictions]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+
+
+def test_csv_file(tiny_model_dir, images, tmp_path):
+    out = tmp_path / "out" / "predictions.csv"
+    missing = tmp_path / "missing.jpg"
+
+    result = predict_tiny(tiny_model_dir, *images, missing, "--csv", out, "--top-k", "3")
+
+    assert result.exit_code == 1
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert list(rows[0]) == ["source", "rank", "index", "label", "prob", "error"]
+    good = [r for r in rows if not r["error"]]
+    assert len(good) == 3 * len(images)
+    for image in images:
+        mine = [r for r in good if r["source"] == str(image)]
+        assert [int(r["rank"]) for r in mine] == [1, 2, 3]
+        assert {r["label"] for r in mine} == set(TINY_LABELS)
+        assert all(r["label"] == TINY_LABELS[int(r["index"])] for r in mine)
+        assert sum(float(r["prob"]) for r in mine) == pytest.approx(1.0, abs=1e-5)
+    [bad] = [r for r in rows if r["error"]]
+    assert bad["source"] == str(missing) and bad["rank"] == "" and "no such file" in bad["error"]
+    assert [p.name for p in out.parent.iterdir()] == ["predictions.csv"]  # written atomically
+
+
+def test_files_from_a_list_file_and_from_stdin(tiny_model_dir, images, tmp_path):
+    list_file = tmp_path / "list.txt"
+    list_file.write_text(f"# two of them\n{images[0]}\n\n{images[2]}\n")
+
+    from_file = predict_tiny(tiny_model_dir, "--files-from", list_file, "--json")
+    from_stdin = predict_tiny(tiny_model_dir, images[1], "--files-from", "-", "--json",
+                              input=f"{images[0]}\n{images[2]}\n")
+
+    assert from_file.exit_code == 0, from_file.stderr
+    assert [r["source"] for r in json_lines(from_file.stdout)] == [str(images[0]), str(images[2])]
+    assert from_stdin.exit_code == 0, from_stdin.stderr
+    assert [r["source"] for r in json_lines(from_stdin.stdout)] == [str(p) for p in (images[1], images[0], images[2])]
+
+
+def test_many_images_with_progress_keep_stdout_clean(tiny_model_dir, tmp_path):
+    folder = tmp_path / "many"
+    for i in range(70):  # over the progress-bar threshold
+        make_image(folder / f"{i:03d}.png", size=(16, 16), seed=i)
+
+    result = predict_tiny(tiny_model_dir, folder, "--json", "--top-k", "1", "--batch-size", "16")
+
+    assert result.exit_code == 0, result.stderr
+    assert len(json_lines(result.stdout)) == 70
+
+
+def test_tta_bf16_and_exact_decode_flags(tiny_model_dir, images):
+    plain = predict_tiny(tiny_model_dir, *images, "--json", "--top-k", "3")
+    for flags in (["--tta"], ["--precision", "bf16", "--device", "cpu"], ["--exact-decode"], ["--workers", "2"]):
+        result = predict_tiny(tiny_model_dir, *images, "--json", "--top-k", "3", *flags)
+
+        assert result.exit_code == 0, (flags, result.stderr)
+        records = json_lines(result.stdout)
+        assert [r["source"] for r in records] == [str(p) for p in images]
+        for record in records:
+            assert sum(p["prob"] for p in record["predictions"]) == pytest.approx(1.0, abs=1e-3)
+        if flags == ["--tta"]:
+            assert records != json_lines(plain.stdout)
+        if flags in (["--exact-decode"], ["--workers", "2"]):
+            assert records == json_lines(plain.stdout)
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+
+
+def test_bad_inputs_are_reported_one_line_each_and_the_rest_predicted(tiny_model_dir, tmp_path):
+    good1 = make_image(tmp_path / "good1.jpg", seed=1)
+    good2 = make_image(tmp_path / "good2.png", seed=2)
+    missing = tmp_path / "no_such_photo.jpg"
+    text = tmp_path / "text_not_image.jpg"
+    text.write_text("hello, I am not a JPEG\n")
+    truncated = tmp_path / "truncated.jpg"
+    full = make_image(tmp_path / "src" / "full.jpg", size=(160, 120), seed=3).read_bytes()
+    truncated.write_bytes(full[: len(full) // 2])
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+
+    result = predict_tiny(tiny_model_dir, good1, missing, text, truncated, empty, good2, "--json")
+
+    assert result.exit_code == 1
+    lines = error_lines(result.stderr)
+    assert len(lines) == 4
+    expected = {missing: "no such file or directory", text: "not an image Pillow can read",
+                truncated: "corrupt or truncated image", empty: "file is empty (0 bytes)"}
+    for path, problem in expected.items():
+        [line] = [line for line in lines if f" {path}: " in line]
+        assert problem in line
+    assert "Traceback" not in result.stderr
+    records = {r["source"]: r for r in json_lines(result.stdout)}
+    assert set(records) == {str(p) for p in (good1, good2, missing, text, truncated, empty)}
+    for path in (good1, good2):
+        assert records[str(path)]["error"] is None and len(records[str(path)]["predictions"]) == 3
+    for path, problem in expected.items():
+        assert problem in records[str(path)]["error"] and records[str(path)]["predictions"] == []
+
+
+def test_bad_inputs_in_table_mode_keep_errors_off_stdout(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_image(Path("good.jpg"))
+    Path("broken.jpg").write_text("nope")
+
+    result = predict_tiny(tiny_model_dir, "good.jpg", "broken.jpg", "gone.jpg")
+
+    assert result.exit_code == 1
+    assert "good.jpg" in result.stdout
+    assert "broken.jpg" not in result.stdout and "gone.jpg" not in result.stdout
+    assert error_lines(result.stderr) == ["Error: gone.jpg: no such file or directory",
+                                          "Error: broken.jpg: not an image Pillow can read"]
+
+
+def test_image_over_the_decompression_bomb_limit(tiny_model_dir, tmp_path, monkeypatch):
+    import PIL.Image
+
+    small = make_image(tmp_path / "small.png", size=(20, 20))
+    big = make_image(tmp_path / "big.png", size=(300, 300))
+    # big.png is over 2x the limit; the limit stays above the model's 160x160 input (resizes check it too)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 40_000)
+
+    result = predict_tiny(tiny_model_dir, small, big, "--json")
+
+    assert result.exit_code == 1
+    [line] = error_lines(result.stderr)
+    assert f"{big}: image is over Pillow's decompression-bomb limit" in line
+    records = {r["source"]: r for r in json_lines(result.stdout)}
+    assert records[str(small)]["error"] is None
+    assert "decompression-bomb" in records[str(big)]["error"]
+
+
+def test_empty_folder_and_unmatched_glob(tiny_model_dir, images, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    result = predict_tiny(tiny_model_dir, images[0], empty, tmp_path / "*.webp", "--json")
+
+    assert result.exit_code == 1
+    lines = error_lines(result.stderr)
+    assert len(lines) == 2
+    assert f"{empty}: folder has no images" in lines[0]
+    assert "*.webp: no image matches this pattern" in lines[1]
+    assert [r["error"] for r in json_lines(result.stdout)].count(None) == 1
+
+
+# ---------------------------------------------------------------------------------- usage errors
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "no images given"),
+    (["IMG", "--model", "vit_bse_patch16_224"], "did you mean vit_base_patch16_224"),
+    (["IMG", "--model", "vit_base_patch16_224.augreg_in21k_ft_in1"], "vit_base_patch16_224.augreg_in21k_ft_in1k"),
+    (["IMG", "--top-k", "0"], "--top-k"),
+    (["IMG", "--model", "TINY", "--precision", "fp16", "--device", "cpu"], "fp16 needs a GPU"),
+    (["IMG", "--model", "TINY", "--precision", "fp32x"], "--precision"),
+    (["IMG", "--model", "TINY", "--batch-size", "0"], "--batch-size"),
+], ids=["no-inputs", "unknown-model", "unknown-tag", "top-k-0", "fp16-on-cpu", "bad-precision", "batch-0"])
+def test_usage_errors_exit_2_without_a_traceback(tiny_model_dir, images, args, message):
+    args = [{"IMG": str(images[0]), "TINY": str(tiny_model_dir)}.get(a, a) for a in args]
+
+    result = invoke("predict", *args)
+
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_fp16_on_an_auto_device_without_a_gpu_is_a_usage_error(tiny_model_dir, images):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("auto picks the GPU here")
+    result = predict_tiny(tiny_model_dir, images[0], "--precision", "fp16")
+
+    assert result.exit_code == 2
+    assert error_lines(result.stderr) == ["Error: --precision fp16 needs a GPU; on the CPU use bf16 (or fp32)"]
+
+
+def test_unknown_model_is_one_line(images):
+    result = invoke("predict", images[0], "--model", "vit_bse_patch16_224")
+
+    assert result.exit_code == 2
+    [line] = error_lines(result.stderr)
+    assert line.startswith("Error: unknown model 'vit_bse_patch16_224'; did you mean vit_base_patch16_224")
+
+
+# ------------------------------------------------------------------------------ model job errors
+
+
+def test_malicious_pickle_is_refused_with_one_line(images, tmp_path):
+    sentinel = tmp_path / "SENTINEL"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {sentinel}",)
+
+    import torch
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": Exploit()}, evil)
+
+    result = invoke("predict", images[0], "--model", "test_vit", "--weights", evil)
+
+    assert result.exit_code == 1
+    [line] = error_lines(result.stderr)
+    assert f"refused to load '{evil}'" in line
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not sentinel.exists()
+
+
+def test_weights_that_do_not_fit_with_one_line(images, tmp_path):
+    import safetensors.torch
+    import timm
+
+    path = tmp_path / "test_vit.safetensors"
+    safetensors.torch.save_file(timm.create_model("test_vit").state_dict(), path)
+
+    result = invoke("predict", images[0], "--model", "deit_tiny_patch16_224", "--weights", path)
+
+    assert result.exit_code == 1
+    [line] = error_lines(result.stderr)
+    assert "does not fit deit_tiny_patch16_224: cls_token has shape (1, 1, 64), model expects (1, 1, 192)" in line
+
+
+def test_unreachable_hub_is_one_line_naming_the_way_out(images, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+    result = invoke("predict", images[0], "--model", "vit_tiny_patch16_224")
+
+    assert result.exit_code == 1
+    [line] = error_lines(result.stderr)
+    assert "could not reach the Hugging Face Hub" in line and "--weights" in line
+
+
+# -------------------------------------------------------------------------------- weights store
+
+
+def test_weights_list_empty_store():
+    result = invoke("weights", "list")
+
+    assert result.exit_code == 0
+    assert result.stdout == ""
+    assert "is empty" in result.stderr
+
+
+def test_store_entries_are_listed_and_load_by_name(tiny_model_dir, images):
+    import shutil
+
+    import safetensors.torch
+    import timm
+
+    store = Path(os.environ["VITCLI_WEIGHTS"])
+    shutil.copytree(tiny_model_dir, store / "pets")
+    safetensors.torch.save_file(timm.create_model("test_resnet").state_dict(), store / "test_resnet.safetensors")
+
+    listed = invoke("weights", "list")
+    as_json = invoke("weights", "list", "--json")
+    predicted = invoke("predict", images[0], "--model", "pets", "--json", "--workers", "0")
+
+    assert listed.exit_code == 0 and "pets" in listed.stdout and "test_resnet" in listed.stdout
+    entries = {e["name"]: e for e in json.loads(as_json.stdout)}
+    assert entries["pets"]["architecture"] == "test_vit" and entries["pets"]["num_classes"] == 3
+    assert entries["test_resnet"]["architecture"] == "test_resnet"
+    assert predicted.exit_code == 0, predicted.stderr
+    [record] = json_lines(predicted.stdout)
+    assert {p["label"] for p in record["predictions"]} == set(TINY_LABELS)
+
+
+def test_weights_pull_offline_fails_with_one_line(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+    result = invoke("weights", "pull", "vit_tiny_patch16_224")
+
+    assert result.exit_code == 1
+    [line] = error_lines(result.stderr)
+    assert "could not reach the Hugging Face Hub" in line
+    assert not (Path(os.environ["VITCLI_WEIGHTS"]) / "vit_tiny_patch16_224").exists()
+
+
+# ------------------------------------------------------------------------------------- real data
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+@pytest.mark.slow
+def test_deit_tiny_gets_every_labelled_image_right():
+    folder = shared("images")
+    weights = shared("weights", DEIT_WEIGHTS.name)
+    labels = read_tsv(folder / "LABELS.tsv")
+    ambiguous = read_tsv(folder / "LABELS_AMBIGUOUS.tsv")
+    assert len(labels) >= 10 and len(ambiguous) >= 1
+
+    result = invoke("predict", *(folder / row["filename"] for row in labels + ambiguous),
+                    "--model", "deit_tiny_patch16_224", "--weights", weights, "--json", "--top-k", "5")
+
+    assert result.exit_code == 0, result.stderr
+    top1 = {Path(r["source"]).name: r["predictions"][0] for r in json_lines(result.stdout)}
+    wrong = {row["filename"]: (top1[row["filename"]]["index"], int(row["index"]))
+             for row in labels if top1[row["filename"]]["index"] != int(row["index"])}
+    assert wrong == {}, "top-1 (predicted, expected)"
+    for row in labels:
+        # stored ImageNet names: the first synonym of the class name
+        assert top1[row["filename"]]["label"] == row["class_name"].split(",")[0]
+    for row in ambiguous:
+        acceptable = {int(i) for i in row["acceptable_indices"].split("|")}
+        assert top1[row["filename"]]["index"] in acceptable, row["filename"]

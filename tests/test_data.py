@@ -1,0 +1,388 @@
+"""vitcli.data: input expansion, image loading rules (EXIF, modes, frames, bad files), transforms."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_image
+from vitcli.data import (
+    draft_size_for,
+    eval_transform,
+    expand_inputs,
+    load_image,
+    read_path_list,
+    to_rgb,
+)
+from vitcli.errors import ImageLoadError
+
+# ------------------------------------------------------------------------------ input expansion
+
+
+def test_expand_folder_is_recursive_sorted_and_filters_by_extension(tmp_path):
+    root = tmp_path / "photos"
+    a = make_image(root / "a.jpg")
+    b = make_image(root / "sub" / "b.png")
+    c = make_image(root / "sub" / "deeper" / "c.JPEG")  # extension match is case-insensitive
+    (root / "sub" / "notes.txt").write_text("not an image")
+    (root / "sub" / "deeper" / "model.safetensors").write_bytes(b"\0" * 8)
+
+    sources, problems = expand_inputs([str(root)])
+
+    assert sources == sorted([str(a), str(b), str(c)])
+    assert problems == []
+
+
+def test_expand_keeps_argument_order_and_explicit_files_whatever_their_extension(tmp_path):
+    first = make_image(tmp_path / "z.png")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    folder = tmp_path / "dir"
+    inner = make_image(folder / "a.jpg")
+
+    sources, problems = expand_inputs([str(first), str(folder), str(notes), "https://example.com/cat.jpg"])
+
+    assert sources == [str(first), str(inner), str(notes), "https://example.com/cat.jpg"]
+    assert problems == []
+
+
+def test_expand_glob_patterns(tmp_path):
+    make_image(tmp_path / "a.jpg")
+    b = make_image(tmp_path / "b.png")
+    c = make_image(tmp_path / "x" / "y" / "c.png")
+
+    sources, problems = expand_inputs([str(tmp_path / "**" / "*.png")])
+
+    assert sources == sorted([str(b), str(c)])
+    assert problems == []
+
+
+def test_expand_reports_missing_paths_empty_folders_and_unmatched_globs(tmp_path):
+    good = make_image(tmp_path / "good.jpg")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    missing = str(tmp_path / "missing.jpg")
+    pattern = str(tmp_path / "*.webp")
+
+    sources, problems = expand_inputs([missing, str(good), str(empty), pattern])
+
+    assert sources == [str(good)]
+    assert [p.source for p in problems] == [missing, str(empty), pattern]
+    assert problems[0].reason == "no such file or directory"
+    assert "folder has no images" in problems[1].reason
+    assert problems[2].reason == "no image matches this pattern"
+
+
+def test_read_path_list_skips_blank_lines_and_comments(tmp_path):
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("# my photos\na.jpg\n\n   b.png  \n  # indented comment\nhttps://x/y.jpg\n")
+
+    assert read_path_list(str(list_file)) == ["a.jpg", "b.png", "https://x/y.jpg"]
+
+
+def test_read_path_list_dash_reads_stdin(monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("one.jpg\n# skip\ntwo.jpg\n"))
+
+    assert read_path_list("-") == ["one.jpg", "two.jpg"]
+
+
+def test_read_path_list_missing_file_names_it(tmp_path):
+    with pytest.raises(ImageLoadError, match="list file does not exist") as info:
+        read_path_list(str(tmp_path / "nope.txt"))
+    assert info.value.source == str(tmp_path / "nope.txt")
+
+
+# ---------------------------------------------------------------------------- orientation, modes
+
+
+def _save_with_orientation(img: Image.Image, path: Path, orientation: int) -> Path:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation tag
+    img.save(path, exif=exif)
+    return path
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # a 3x2 PNG with distinct pixels (lossless, so the rotation can be checked pixel by pixel)
+    arr = np.arange(3 * 2 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10
+    path = _save_with_orientation(Image.fromarray(arr, "RGB"), tmp_path / "rot.png", 6)
+
+    img = load_image(str(path))
+
+    assert img.mode == "RGB"
+    assert img.size == (2, 3)  # orientation 6: the stored 3x2 image is displayed rotated 90 degrees
+    np.testing.assert_array_equal(np.asarray(img), np.rot90(arr, k=-1))
+
+
+def test_exif_orientation_is_applied_to_jpegs(tmp_path):
+    src = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    path = _save_with_orientation(src, tmp_path / "rot.jpg", 6)
+
+    assert Image.open(path).size == (64, 48)
+    assert load_image(str(path)).size == (48, 64)
+
+
+def test_grayscale_becomes_rgb(tmp_path):
+    path = tmp_path / "gray.png"
+    Image.new("L", (5, 4), 77).save(path)
+
+    img = load_image(str(path))
+
+    assert img.mode == "RGB"
+    assert img.getpixel((2, 2)) == (77, 77, 77)
+
+
+def test_palette_becomes_rgb(tmp_path):
+    img = Image.new("P", (4, 4), 1)
+    img.putpalette([0, 0, 0, 200, 100, 50] + [0] * (3 * 254))
+    img.putpixel((0, 0), 0)
+    path = tmp_path / "palette.png"
+    img.save(path)
+
+    rgb = load_image(str(path))
+
+    assert rgb.mode == "RGB"
+    assert rgb.getpixel((0, 0)) == (0, 0, 0)
+    assert rgb.getpixel((3, 3)) == (200, 100, 50)
+
+
+def test_palette_transparency_is_composited_onto_white(tmp_path):
+    img = Image.new("P", (4, 4), 1)
+    img.putpalette([0, 0, 0, 200, 100, 50] + [0] * (3 * 254))
+    img.putpixel((0, 0), 0)
+    path = tmp_path / "palette_t.png"
+    img.save(path, transparency=0)  # palette index 0 (black) is transparent
+
+    rgb = load_image(str(path))
+
+    assert rgb.getpixel((0, 0)) == (255, 255, 255)
+    assert rgb.getpixel((3, 3)) == (200, 100, 50)
+
+
+def test_rgba_alpha_is_composited_onto_white(tmp_path):
+    img = Image.new("RGBA", (3, 1))
+    img.putpixel((0, 0), (10, 20, 30, 0))  # fully transparent
+    img.putpixel((1, 0), (10, 20, 30, 255))  # opaque
+    img.putpixel((2, 0), (0, 0, 0, 128))  # half transparent black
+    path = tmp_path / "rgba.png"
+    img.save(path)
+
+    rgb = load_image(str(path))
+
+    assert rgb.mode == "RGB"
+    assert rgb.getpixel((0, 0)) == (255, 255, 255)
+    assert rgb.getpixel((1, 0)) == (10, 20, 30)
+    assert all(abs(c - 127) <= 1 for c in rgb.getpixel((2, 0)))
+
+
+def test_la_alpha_is_composited_onto_white():
+    img = Image.new("LA", (2, 1))
+    img.putpixel((0, 0), (0, 0))
+    img.putpixel((1, 0), (50, 255))
+
+    rgb = to_rgb(img)
+
+    assert rgb.getpixel((0, 0)) == (255, 255, 255)
+    assert rgb.getpixel((1, 0)) == (50, 50, 50)
+
+
+def test_cmyk_becomes_rgb(tmp_path):
+    img = Image.new("CMYK", (2, 1), (0, 0, 0, 0))
+    img.putpixel((1, 0), (0, 255, 255, 0))  # magenta + yellow = red
+    path = tmp_path / "cmyk.tif"
+    img.save(path)
+    assert Image.open(path).mode == "CMYK"
+
+    rgb = load_image(str(path))
+
+    assert rgb.mode == "RGB"
+    assert rgb.getpixel((0, 0)) == (255, 255, 255)
+    assert rgb.getpixel((1, 0)) == (255, 0, 0)
+
+
+def test_cmyk_jpeg_loads(tmp_path):
+    path = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (16, 16), (0, 0, 0, 0)).save(path)
+    assert Image.open(path).mode == "CMYK"
+
+    rgb = load_image(str(path))
+
+    assert rgb.mode == "RGB" and rgb.size == (16, 16)
+    assert all(c >= 250 for c in rgb.getpixel((8, 8)))
+
+
+def test_16bit_png_is_scaled_to_8_bits(tmp_path):
+    arr = np.zeros((4, 6), dtype=np.uint16)
+    arr[:, :2] = 65535
+    arr[:, 2:4] = 32768
+    path = tmp_path / "deep.png"
+    Image.fromarray(arr).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+
+    rgb = load_image(str(path))
+
+    assert rgb.mode == "RGB"
+    assert rgb.getpixel((0, 0)) == (255, 255, 255)
+    assert rgb.getpixel((2, 0)) == (128, 128, 128)
+    assert rgb.getpixel((5, 0)) == (0, 0, 0)
+
+
+def test_dark_16bit_image_is_not_brightened():
+    # a 16-bit image whose values are all small is dark, not an 8-bit image
+    img = Image.fromarray(np.full((2, 2), 255, dtype=np.uint16))
+    assert img.mode.startswith("I;16")
+
+    assert to_rgb(img).getpixel((0, 0)) == (1, 1, 1)
+
+
+def test_32bit_integer_image_in_8_bit_range_is_kept():
+    img = Image.fromarray(np.full((2, 2), 200, dtype=np.int32), "I")
+
+    assert to_rgb(img).getpixel((0, 0)) == (200, 200, 200)
+
+
+def _two_frame_gif(path: Path) -> Path:
+    red = Image.new("RGB", (8, 8), (255, 0, 0))
+    blue = Image.new("RGB", (8, 8), (0, 0, 255))
+    red.save(path, save_all=True, append_images=[blue], duration=100, loop=0)
+    assert Image.open(path).n_frames == 2
+    return path
+
+
+def test_animated_gif_uses_first_frame(tmp_path):
+    path = _two_frame_gif(tmp_path / "anim.gif")
+
+    img = load_image(str(path))
+
+    assert img.mode == "RGB" and img.size == (8, 8)
+    assert img.getpixel((4, 4)) == (255, 0, 0)
+
+
+def test_to_rgb_rewinds_an_animation_to_its_first_frame(tmp_path):
+    with Image.open(_two_frame_gif(tmp_path / "anim.gif")) as img:
+        img.seek(1)
+        assert img.convert("RGB").getpixel((4, 4)) == (0, 0, 255)
+
+        assert to_rgb(img).getpixel((4, 4)) == (255, 0, 0)
+
+
+def test_rgb_jpeg_loads_unchanged(tmp_path):
+    path = make_image(tmp_path / "a.png", size=(20, 10))
+
+    img = load_image(str(path))
+
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(Image.open(path).convert("RGB")))
+
+
+# ------------------------------------------------------------------------------------ bad files
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageLoadError, match="no such file") as info:
+        load_image(str(tmp_path / "missing.jpg"))
+    assert info.value.source == str(tmp_path / "missing.jpg")
+
+
+def test_folder_is_not_a_file(tmp_path):
+    with pytest.raises(ImageLoadError, match="not a file"):
+        load_image(str(tmp_path))
+
+
+def test_zero_byte_file(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+
+    with pytest.raises(ImageLoadError, match=r"file is empty \(0 bytes\)"):
+        load_image(str(path))
+
+
+def test_text_file_named_jpg(tmp_path):
+    path = tmp_path / "fake.jpg"
+    path.write_text("this is not a JPEG\n" * 10)
+
+    with pytest.raises(ImageLoadError, match="not an image Pillow can read"):
+        load_image(str(path))
+
+
+@pytest.mark.parametrize("draft", [None, (300, 300)])
+def test_truncated_jpeg(tmp_path, draft):
+    full = make_image(tmp_path / "full.jpg", size=(128, 96)).read_bytes()
+    path = tmp_path / "truncated.jpg"
+    path.write_bytes(full[: len(full) // 2])
+
+    with pytest.raises(ImageLoadError, match="corrupt or truncated image") as info:
+        load_image(str(path), draft)
+    assert info.value.source == str(path)
+
+
+@pytest.mark.parametrize("size", [(64, 48), (40, 40)], ids=["over-2x-limit", "between-1x-and-2x"])
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch, size):
+    path = make_image(tmp_path / "big.png", size=size)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+
+    with pytest.raises(ImageLoadError, match="decompression-bomb limit"):
+        load_image(str(path))
+
+
+def test_decompression_bomb_at_pillows_default_limit(tmp_path):
+    # a PNG whose header claims 30000 x 30000 pixels (900 Mpx, over 2x the default limit); Pillow
+    # refuses it from the header alone, before any decoding
+    assert Image.MAX_IMAGE_PIXELS is not None and 30000 * 30000 > 2 * Image.MAX_IMAGE_PIXELS
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    path = tmp_path / "bomb.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+                     + chunk(b"IEND", b""))
+
+    with pytest.raises(ImageLoadError, match="decompression-bomb limit"):
+        load_image(str(path))
+
+
+# ------------------------------------------------------------------------------ fast JPEG decode
+
+
+def test_draft_decode_shrinks_large_jpegs_but_never_below_the_target(tmp_path):
+    path = make_image(tmp_path / "large.jpg", size=(1024, 768))
+
+    img = load_image(str(path), draft_size=(257, 257))
+
+    assert img.size == (512, 384)  # libjpeg's 1/2 scale; 1/4 (256 x 192) would be below 257
+    assert load_image(str(path)).size == (1024, 768)
+
+
+def test_draft_decode_leaves_small_jpegs_and_other_formats_alone(tmp_path):
+    small = make_image(tmp_path / "small.jpg", size=(200, 150))
+    png = make_image(tmp_path / "large.png", size=(1024, 768))
+
+    np.testing.assert_array_equal(np.asarray(load_image(str(small), (257, 257))),
+                                  np.asarray(load_image(str(small))))
+    assert load_image(str(png), (257, 257)).size == (1024, 768)
+
+
+def test_draft_size_covers_the_resize_before_the_center_crop():
+    config = {"input_size": (3, 224, 224), "crop_pct": 0.875}
+
+    assert draft_size_for(config) == (257, 257)  # 224 / 0.875 = 256, plus one for rounding
+    assert draft_size_for({"input_size": (3, 160, 320), "crop_pct": None}) == (321, 321)
+
+
+def test_eval_transform_follows_the_model_data_config(tmp_path):
+    path = make_image(tmp_path / "a.jpg", size=(300, 200))
+    config = {"input_size": (3, 96, 96), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5),
+              "std": (0.5, 0.5, 0.5), "crop_pct": 0.9, "crop_mode": "center"}
+
+    x = eval_transform(config)(load_image(str(path)))
+
+    assert tuple(x.shape) == (3, 96, 96)
+    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0  # mean/std 0.5 maps [0, 1] to [-1, 1]
