@@ -46,8 +46,8 @@ def data(tmp_path) -> Path:
 
 
 def config(tmp_path: Path, data: Path, model: Path, **overrides) -> FinetuneConfig:
-    base = dict(data=str(data), model=str(model), img_size=SMALL, epochs=1, batch_size=4, workers=0,
-                precision="fp32", project=str(tmp_path / "runs"), warmup_epochs=0.5)
+    base = {"data": str(data), "model": str(model), "img_size": SMALL, "epochs": 1, "batch_size": 4,
+            "workers": 0, "precision": "fp32", "project": str(tmp_path / "runs"), "warmup_epochs": 0.5}
     return FinetuneConfig(**(base | overrides))
 
 
@@ -108,11 +108,14 @@ def test_fit_writes_a_complete_run_folder(tmp_path, data, tiny_model_dir):
     assert len(steps) == 6 and steps[-1]["global_step"] == 6 and math.isfinite(steps[0]["loss"])
 
 
-def test_run_folders_are_numbered_unless_named(tmp_path, data, tiny_model_dir):
-    cfg = config(tmp_path, data, tiny_model_dir, max_steps=1)
-    assert fit(cfg).run_dir.name == "exp"
-    assert fit(cfg).run_dir.name == "exp2"
-    assert fit(config(tmp_path, data, tiny_model_dir, max_steps=1, name="exp", exist_ok=True)).run_dir.name == "exp"
+def test_run_folders_are_numbered_unless_named(tmp_path):
+    from vitcli.train import _new_run_dir
+
+    project = str(tmp_path / "runs")
+    assert [_new_run_dir(FinetuneConfig(project=project)).name for _ in range(3)] == ["exp", "exp2", "exp3"]
+    assert _new_run_dir(FinetuneConfig(project=project, name="ants")).name == "ants"
+    assert _new_run_dir(FinetuneConfig(project=project, name="ants")).name == "ants2"
+    assert _new_run_dir(FinetuneConfig(project=project, name="ants", exist_ok=True)).name == "ants"
 
 
 # ------------------------------------------------------------------------------------ data layouts
@@ -169,16 +172,19 @@ def test_unreadable_files_are_skipped_once_or_fatal_with_strict(tmp_path, data, 
 
 
 def test_imbalance_is_reported_and_can_be_balanced(tmp_path, tiny_model_dir):
+    import timm
+
+    from vitcli.train import build_parts
+
     root = class_folders(tmp_path / "data", {"common": 20, "rare": 5})
     record = Recorder()
     fit(config(tmp_path, root, tiny_model_dir, max_steps=1), record)
     start = record.first("start")
     assert start["train_counts"] == [16, 4]
     assert any("--balance" in w for w in start["warnings"])
-    for balance in ("sampler", "loss"):
-        record = Recorder()
-        fit(config(tmp_path, root, tiny_model_dir, max_steps=1, balance=balance), record)
-        assert not any("--balance" in w for w in record.first("start")["warnings"])
+    model = timm.create_model("test_vit", num_classes=2)
+    parts = build_parts(FinetuneConfig(balance="loss"), model, [16, 4], 5, torch.device("cpu"), "fp32", Dist())
+    assert parts.loss_fn.weight.tolist() == [20 / 32, 20 / 8]  # inverse frequency, mean 1
 
 
 def test_weighted_sampler_draws_classes_equally():
@@ -221,10 +227,12 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 
 
 # a signal during step 4's callback is seen by step 5, which is then the last one before the stop
-@pytest.mark.parametrize("interrupt_at", [("epoch_end", 1), ("step", 4)], ids=["epoch-boundary", "mid-epoch"])
-def test_resume_after_ctrl_c_ends_with_the_same_weights(tmp_path, data, tiny_model_dir, interrupt_at):
+@pytest.mark.parametrize("interrupt_at, workers", [(("epoch_end", 1), 0), (("step", 4), 0), (("epoch_end", 1), 2)],
+                         ids=["epoch-boundary", "mid-epoch", "epoch-boundary-with-workers"])
+def test_resume_after_ctrl_c_ends_with_the_same_weights(tmp_path, data, tiny_model_dir, interrupt_at, workers):
     # EMA, mixup (numpy RNG), stochastic depth and augmentation (torch RNG) all have to line up
-    recipe = dict(epochs=2, ema=True, mixup=0.4, drop_path=0.2, randaugment="rand-m5-n1")
+    recipe = {"epochs": 2, "ema": True, "mixup": 0.4, "drop_path": 0.2, "randaugment": "rand-m5-n1",
+              "workers": workers}
     straight = fit(config(tmp_path, data, tiny_model_dir, name="straight", **recipe))
 
     cfg = config(tmp_path, data, tiny_model_dir, name="stopped", **recipe)
@@ -343,14 +351,15 @@ def test_freeze_trains_the_head_only(tmp_path, data, tiny_model_dir):
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path, data, tiny_model_dir):
-    result = fit(config(tmp_path, data, tiny_model_dir, batch_size=2, accum_steps=2))
+    # (with the class-balanced sampler, which draws as many samples per epoch as there are images)
+    result = fit(config(tmp_path, data, tiny_model_dir, batch_size=2, accum_steps=2, balance="sampler"))
     assert result.global_step == 3  # 12 images / 2 per batch = 6 batches = 3 steps
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(balance="loss", mixup=0.8), "--balance loss cannot be combined"),
-    (dict(precision="fp16", device="cpu"), "fp16 needs a CUDA device"),
-    (dict(layer_decay=1.5), "--layer-decay"),
+    ({"balance": "loss", "mixup": 0.8}, "--balance loss cannot be combined"),
+    ({"precision": "fp16", "device": "cpu"}, "fp16 needs a CUDA device"),
+    ({"layer_decay": 1.5}, "--layer-decay"),
 ])
 def test_bad_option_values_are_usage_errors(tmp_path, data, tiny_model_dir, bad, message):
     with pytest.raises(UsageError, match=message):

@@ -195,3 +195,116 @@ def draft_size_for(data_config: dict[str, Any]) -> tuple[int, int]:
     crop_pct = data_config.get("crop_pct") or 1.0
     side = int(max(height, width) / crop_pct) + 1
     return side, side
+
+
+# ------------------------------------------------------------------ batched eval preprocessing
+
+
+@dataclass(frozen=True)
+class EvalPipeline:
+    """timm's eval transform split in two, so that workers ship 8-bit images and the main process
+    converts and normalizes whole batches (4x less to copy between processes, vectorized maths).
+
+    ``per_image(img)`` gives a uint8 tensor (H, W, C), or a float tensor (C, H, W) when the
+    transform is not the usual resize/crop/to-tensor/normalize chain (then ``mean`` is None and
+    ``to_batch`` only stacks). ``to_batch`` computes what ``ToTensor`` + ``Normalize`` compute, in
+    the same order, so the exact path stays bit-identical to timm's transform.
+    """
+
+    per_image: Callable[[Image.Image], Any]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+    def to_batch(self, images: Any) -> Any:
+        """A stacked batch from ``per_image`` -> the float (B, C, H, W) model input."""
+        if self.mean is None or images.is_floating_point():
+            return images
+        import torch
+
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        x = images.permute(0, 3, 1, 2).float().div_(255)  # NHWC uint8 -> NCHW float (channels_last strides)
+        return x.sub_(mean).div_(std).contiguous()
+
+
+def eval_pipeline(data_config: dict[str, Any], fast: bool = False) -> EvalPipeline:
+    """The model's eval transform as an ``EvalPipeline``.
+
+    With ``fast``, downscaling resizes run on uint8 in torch (SIMD antialias, the same bilinear or
+    bicubic filters as Pillow, within 1-2 levels of 255 of it, ~4x faster); images that are not
+    downscaled go through the exact Pillow transforms, so fast only ever changes large images.
+    """
+    from torchvision import transforms as T
+
+    transform = eval_transform(data_config)
+    steps = list(getattr(transform, "transforms", []))
+    if (len(steps) < 2 or not isinstance(steps[-1], T.Normalize)
+            or not isinstance(steps[-2], T.ToTensor)  # timm's MaybeToTensor is a ToTensor
+            or not all(isinstance(s, (T.Resize, T.CenterCrop)) for s in steps[:-2])):
+        return EvalPipeline(transform, None, None)
+    mean = tuple(float(v) for v in np.asarray(steps[-1].mean).reshape(-1))
+    std = tuple(float(v) for v in np.asarray(steps[-1].std).reshape(-1))
+    pil_steps = steps[:-2]
+    fast_resize = _fast_resize_crop(pil_steps) if fast else None
+    return EvalPipeline(_Uint8Image(pil_steps, fast_resize), mean, std)
+
+
+class _Uint8Image:
+    """PIL resize/crop steps, then the pixels as a uint8 (H, W, C) tensor (a picklable callable)."""
+
+    def __init__(self, steps: list[Any], fast_resize: _FastResizeCrop | None = None):
+        self.steps = steps
+        self.fast_resize = fast_resize
+
+    def __call__(self, img: Image.Image) -> Any:
+        import torch
+
+        if self.fast_resize is not None and (out := self.fast_resize(img)) is not None:
+            return out
+        for step in self.steps:
+            img = step(img)
+        return torch.from_numpy(np.array(img, dtype=np.uint8))
+
+
+class _FastResizeCrop:
+    """``Resize`` (shorter side or exact size) + ``CenterCrop`` as torch uint8 ops, downscales only."""
+
+    def __init__(self, size: int | tuple[int, int], mode: str, crop: tuple[int, int]):
+        self.size, self.mode, self.crop = size, mode, crop
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) after the resize, as torchvision computes it."""
+        if isinstance(self.size, int):
+            short, long = (width, height) if width <= height else (height, width)
+            new_short, new_long = self.size, int(self.size * long / short)
+            return (new_long, new_short) if width <= height else (new_short, new_long)
+        return self.size
+
+    def __call__(self, img: Image.Image) -> Any:
+        import torch
+
+        new_h, new_w = self.output_size(*img.size)
+        crop_h, crop_w = self.crop
+        if img.mode != "RGB" or not (new_w < img.width and new_h < img.height) or new_h < crop_h or new_w < crop_w:
+            return None  # upscaling or padding: leave it to the exact Pillow steps
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)  # channels_last view
+        x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode=self.mode, antialias=True)
+        top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
+        return x[0, :, top:top + crop_h, left:left + crop_w].permute(1, 2, 0).contiguous()
+
+
+def _fast_resize_crop(steps: list[Any]) -> _FastResizeCrop | None:
+    """The torch equivalent of exactly [Resize(size, bilinear|bicubic), CenterCrop], else None."""
+    from torchvision import transforms as T
+
+    if len(steps) != 2 or not isinstance(steps[0], T.Resize) or not isinstance(steps[1], T.CenterCrop):
+        return None
+    resize, crop = steps
+    mode = {T.InterpolationMode.BILINEAR: "bilinear", T.InterpolationMode.BICUBIC: "bicubic"}.get(resize.interpolation)
+    size = resize.size
+    if isinstance(size, (list, tuple)):
+        size = int(size[0]) if len(size) == 1 else (int(size[0]), int(size[1]))
+    crop_size = tuple(int(v) for v in crop.size)
+    if mode is None or resize.max_size is not None or len(crop_size) != 2:
+        return None
+    return _FastResizeCrop(size, mode, crop_size)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vitcli.data import draft_size_for, eval_transform, load_image
+from vitcli.data import draft_size_for, eval_pipeline, load_image
 from vitcli.errors import ImageLoadError, UsageError
 from vitcli.models import LoadedModel, autocast, resolve_device
 
@@ -84,6 +84,15 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+PREFETCH_FACTOR = 4
+WORKER_NICE = 0
+
+
+def _worker_init(_worker_id: int) -> None:
+    if WORKER_NICE:
+        os.nice(WORKER_NICE)
+
+
 def predict(loaded: LoadedModel, sources: Sequence[str], options: PredictOptions = PredictOptions(),
             on_batch: Callable[[int], None] | None = None) -> Iterator[Prediction]:
     """Yield one Prediction per source, in input order.
@@ -104,18 +113,22 @@ def predict(loaded: LoadedModel, sources: Sequence[str], options: PredictOptions
     top_k = min(options.top_k, loaded.num_classes)
     workers = default_workers() if options.workers is None else options.workers
     draft = draft_size_for(loaded.data_config) if options.fast_decode else None
-    dataset = ImageSourceDataset(sources, eval_transform(loaded.data_config), draft)
+    pipeline = eval_pipeline(loaded.data_config, fast=options.fast_decode)
+    dataset = ImageSourceDataset(sources, pipeline.per_image, draft)
+    workers = min(workers, len(sources))
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=options.batch_size, shuffle=False, num_workers=min(workers, len(sources)),
+        dataset, batch_size=options.batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate, pin_memory=device.type == "cuda",
-        persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False, prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
+        worker_init_fn=_worker_init if workers > 0 else None,
     )
     start = 0
     with torch.inference_mode():
         for images, errors in loader:
             probs = None
             if images is not None:
-                probs = forward_probs(model, images.to(device, non_blocking=True), precision_ctx, options.tta)
+                x = pipeline.to_batch(images.to(device, non_blocking=True))  # uint8 travels, then normalize
+                probs = forward_probs(model, x, precision_ctx, options.tta)
                 values, indices = probs.topk(top_k, dim=1)
                 values, indices = values.float().cpu().tolist(), indices.cpu().tolist()
             row = 0

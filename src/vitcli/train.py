@@ -52,8 +52,8 @@ from vitcli.models import DEFAULT_MODEL, LoadedModel, autocast, cpu_supports_bf1
 
 STATE_FILE = "state.pt"
 STATE_VERSION = 1
-IMBALANCE_HINT_RATIO = 3.0
-MIN_DELTA = 1e-4  # a val loss lower by less than this is no improvement (patience, best/)  # max/min images per class above which a --balance hint is given
+IMBALANCE_HINT_RATIO = 3.0  # max/min images per class above which a --balance hint is given
+MIN_DELTA = 1e-4  # a val loss lower by less than this is no improvement (patience, best/)
 
 # Options that may change when a run is resumed; anything else must match the saved args.json.
 RESUMABLE_OPTIONS = ("epochs", "max_steps", "patience", "workers", "device")
@@ -193,6 +193,8 @@ def resume_config(run_dir: str | Path, **given: Any) -> FinetuneConfig:
 
 def check_config(config: FinetuneConfig) -> None:
     """Refuse option values that cannot work, before anything is loaded (UsageError, exit 2)."""
+    if not config.data and config.resume is None:
+        raise UsageError("no data folder given; expected DATA/train/<class>/... or DATA/<class>/...")
     if config.balance not in ("none", "sampler", "loss"):
         raise UsageError(f"unknown --balance '{config.balance}'; use none, sampler or loss")
     if config.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -299,10 +301,16 @@ def _on_rank0(fn: Callable[[], Any], dist: Dist) -> Any:
 
 
 def _all_reduce(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Sum ``t`` over the ranks, in place (through the GPU under nccl, which reduces CUDA tensors only)."""
     if dist.enabled:
         import torch.distributed as tdist
 
-        tdist.all_reduce(t)
+        if tdist.get_backend() == "nccl" and t.device.type != "cuda":
+            work = t.to(torch.device("cuda", torch.cuda.current_device()))
+            tdist.all_reduce(work)
+            t.copy_(work.cpu())
+        else:
+            tdist.all_reduce(t)
     return t
 
 
