@@ -128,7 +128,8 @@ def test_help_defaults_match_the_core_config():
         if name in ("data", "resume", "weights", "workers", "img_size", "name"):
             continue
         value = defaults[name]
-        expected = "off" if value is None or value is False else "pretrained" if value is True else str(value)
+        expected = ("pretrained" if name == "pretrained" else "on" if value is True
+                    else "off" if value is None or value is False else str(value))
         assert str(param.annotation.__metadata__[0].show_default) == expected, name
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import DEIT_WEIGHTS, make_image, shared
+from vitcli import train
 from vitcli.datasets import FolderData
 from vitcli.errors import DatasetError, UsageError
 from vitcli.train import (
@@ -29,6 +30,13 @@ from vitcli.train import (
 )
 
 SMALL = 64  # train test_vit at 64x64 (pos_embed resampled from its 160): fast on two cores
+WRITE_FIGURES = train._write_figures
+
+
+@pytest.fixture(autouse=True)
+def _no_figures(monkeypatch):
+    """matplotlib takes half the time of a tiny fit(); only the tests that check the PNGs draw them."""
+    monkeypatch.setattr(train, "_write_figures", lambda *args: None)
 
 
 def class_folders(root: Path, counts: dict[str, int], ext: str = "png", seed: int = 0) -> Path:
@@ -73,9 +81,10 @@ class Recorder:
 # ---------------------------------------------------------------------------------- the run folder
 
 
-def test_fit_writes_a_complete_run_folder(tmp_path, data, tiny_model_dir):
+def test_fit_writes_a_complete_run_folder(tmp_path, data, tiny_model_dir, monkeypatch):
     import timm
 
+    monkeypatch.setattr(train, "_write_figures", WRITE_FIGURES)
     record = Recorder()
     result = fit(config(tmp_path, data, tiny_model_dir, epochs=2), record)
 
@@ -226,16 +235,33 @@ def _assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+# EMA, mixup (numpy RNG), stochastic depth and augmentation (torch RNG) all have to line up
+RESUME_RECIPE = {"epochs": 2, "ema": True, "mixup": 0.4, "drop_path": 0.2, "randaugment": "rand-m5-n1"}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tiny_model_dir):
+    """The uninterrupted 2-epoch run for the resume tests, by worker count (computed once)."""
+    root = tmp_path_factory.mktemp("resume")
+    data = class_folders(root / "data", {"ants": 8, "bees": 8})
+    runs = {}
+
+    def get(workers: int):
+        if workers not in runs:
+            runs[workers] = fit(config(root, data, tiny_model_dir, name="straight", workers=workers,
+                                       **RESUME_RECIPE))
+        return runs[workers]
+
+    return root, data, get
+
+
 # a signal during step 4's callback is seen by step 5, which is then the last one before the stop
 @pytest.mark.parametrize("interrupt_at, workers", [(("epoch_end", 1), 0), (("step", 4), 0), (("epoch_end", 1), 2)],
                          ids=["epoch-boundary", "mid-epoch", "epoch-boundary-with-workers"])
-def test_resume_after_ctrl_c_ends_with_the_same_weights(tmp_path, data, tiny_model_dir, interrupt_at, workers):
-    # EMA, mixup (numpy RNG), stochastic depth and augmentation (torch RNG) all have to line up
-    recipe = {"epochs": 2, "ema": True, "mixup": 0.4, "drop_path": 0.2, "randaugment": "rand-m5-n1",
-              "workers": workers}
-    straight = fit(config(tmp_path, data, tiny_model_dir, name="straight", **recipe))
-
-    cfg = config(tmp_path, data, tiny_model_dir, name="stopped", **recipe)
+def test_resume_after_ctrl_c_ends_with_the_same_weights(straight_run, tiny_model_dir, interrupt_at, workers):
+    root, data, get_straight = straight_run
+    straight = get_straight(workers)
+    cfg = config(root, data, tiny_model_dir, name="stopped", workers=workers, **RESUME_RECIPE)
     with pytest.raises(TrainingInterrupted, match="--resume") as info:
         fit(cfg, Recorder(signal_at=interrupt_at))
     assert info.value.exit_code == 130
@@ -260,6 +286,15 @@ def test_max_steps_stops_mid_epoch_and_resume_finishes_it(tmp_path, data, tiny_m
     resumed = fit(resume_config(result.run_dir))
     assert resumed.stopped == "done" and resumed.global_step == 6
     assert [r["epoch"] for r in resumed.rows] == [1, 2]
+
+
+def test_resume_with_more_epochs_stretches_the_schedule(tmp_path, data, tiny_model_dir):
+    run = fit(config(tmp_path, data, tiny_model_dir, epochs=1)).run_dir  # 3 steps, LR annealed to min_lr
+    record = Recorder()
+    resumed = fit(resume_config(run, epochs=2), record)
+    lrs = [info["lr"] for e, info in record.events if e == "step"]
+    assert resumed.global_step == 6 and len(lrs) == 3
+    assert lrs[0] > 10 * FinetuneConfig.min_lr  # the cosine now spans 2 epochs: step 4 is mid-schedule
 
 
 def test_resume_refuses_changed_options_and_allows_more_epochs(tmp_path, data, tiny_model_dir):
@@ -290,8 +325,6 @@ def test_patience_stops_early(tmp_path, data, tiny_model_dir):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path, data, tiny_model_dir, monkeypatch):
-    from vitcli import train
-
     build = train.build_parts
 
     def poisoned(*args, **kwargs):
@@ -339,6 +372,32 @@ def test_img_size_resamples_pos_embed_and_predicts_at_the_new_size(tmp_path, dat
     assert json.loads(out.stdout.splitlines()[0])["predictions"][0]["label"] in ("ants", "bees")
 
 
+def test_a_new_head_starts_at_zero_and_a_matching_one_is_kept(tiny_model_dir):
+    from conftest import TINY_LABELS
+    from vitcli.train import build_model
+
+    new = build_model(FinetuneConfig(model=str(tiny_model_dir), img_size=SMALL), ["ants", "bees"]).model
+    assert not new.head.weight.any() and not new.head.bias.any()
+    random = build_model(FinetuneConfig(model=str(tiny_model_dir), zero_head=False), ["ants", "bees"]).model
+    assert random.head.weight.any()
+    same = build_model(FinetuneConfig(model=str(tiny_model_dir)), TINY_LABELS).model  # continue training
+    assert same.head.weight.any() and same.head.weight.shape[0] == len(TINY_LABELS)
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "test_efficientnet"])
+def test_cnns_fine_tune_too_at_another_size(tmp_path, data, arch):
+    """BatchNorm CNNs take no img_size argument: they are built as they are and fed 96x96 images."""
+    import timm
+
+    from vitcli.models import save_model_folder
+
+    folder = save_model_folder(timm.create_model(arch, num_classes=3), tmp_path / arch, ["a", "b", "c"])
+    result = fit(config(tmp_path, data, folder, img_size=96, max_steps=2))
+    saved = json.loads((result.run_dir / "best" / "config.json").read_text())
+    assert saved["architecture"] == arch and saved["pretrained_cfg"]["input_size"] == [3, 96, 96]
+    assert result.global_step == 2 and math.isfinite(result.rows[-1]["val_loss"])
+
+
 def test_freeze_trains_the_head_only(tmp_path, data, tiny_model_dir):
     import timm
 
@@ -360,6 +419,8 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, data, tiny_model
     ({"balance": "loss", "mixup": 0.8}, "--balance loss cannot be combined"),
     ({"precision": "fp16", "device": "cpu"}, "fp16 needs a CUDA device"),
     ({"layer_decay": 1.5}, "--layer-decay"),
+    ({"opt": "adamx"}, "unknown --opt 'adamx'; did you mean"),
+    ({"sched": "plateau"}, "unknown --sched"),
 ])
 def test_bad_option_values_are_usage_errors(tmp_path, data, tiny_model_dir, bad, message):
     with pytest.raises(UsageError, match=message):
@@ -377,5 +438,5 @@ def test_hymenoptera_default_recipe_reaches_95_percent_in_3_epochs(tmp_path):
     result = fit(FinetuneConfig(data=str(hymenoptera), model="deit_tiny_patch16_224", weights=str(weights),
                                 epochs=3, project=str(tmp_path / "runs")))
     top1 = [round(r["val_top1"], 4) for r in result.rows]
-    print(f"val top-1 per epoch: {top1}")
+    print(f"val top-1 per epoch: {top1}; train img/s: {[round(r['img_s'], 1) for r in result.rows]}")
     assert result.best_top1 >= 0.95, top1

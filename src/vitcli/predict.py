@@ -1,8 +1,9 @@
 """Batched prediction: image sources -> Prediction records. Never prints.
 
-Decoding and preprocessing run in DataLoader worker processes, overlapped with the forward pass
-in the main process; a file that fails to load becomes a Prediction with ``error`` set and the
-other images in its batch are still predicted.
+Decoding, resizing and cropping run in DataLoader worker processes, overlapped with the forward
+pass, and send 8-bit images; the main process normalizes each batch in one vectorized step
+(``vitcli.data.EvalPipeline``). A file that fails to load becomes a Prediction with ``error`` set
+and the other images in its batch are still predicted.
 """
 
 from __future__ import annotations
@@ -50,24 +51,27 @@ class PredictOptions:
     device: str = "auto"
     precision: str = "fp32"
     tta: bool = False  # average the softmax of the image and its horizontal flip
-    fast_decode: bool = True  # JPEG DCT-domain downscaling, never below the resize target
+    # False: timm's exact Pillow transform. True: JPEG DCT-domain downscaling (never below the resize
+    # target), torchvision JPEG decoding and uint8 resizing in torch (see vitcli.data.eval_pipeline)
+    fast_decode: bool = True
 
 
 class ImageSourceDataset(torch.utils.data.Dataset):
     """(image tensor or None, error or None) for each source, so one bad file spoils nothing."""
 
     def __init__(self, sources: Sequence[str], transform: Callable[[Any], torch.Tensor],
-                 draft_size: tuple[int, int] | None = None):
+                 draft_size: tuple[int, int] | None = None, loader: Callable[..., Any] = load_image):
         self.sources = list(sources)
         self.transform = transform
         self.draft_size = draft_size
+        self.loader = loader
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str | None]:
         try:
-            return self.transform(load_image(self.sources[i], self.draft_size)), None
+            return self.transform(self.loader(self.sources[i], self.draft_size)), None
         except ImageLoadError as e:
             return None, e.reason
         except Exception as e:  # a transform that chokes on a pathological image
@@ -82,15 +86,6 @@ def _collate(items: list[tuple[torch.Tensor | None, str | None]]) -> tuple[torch
 
 def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
-
-
-PREFETCH_FACTOR = 4
-WORKER_NICE = 0
-
-
-def _worker_init(_worker_id: int) -> None:
-    if WORKER_NICE:
-        os.nice(WORKER_NICE)
 
 
 def predict(loaded: LoadedModel, sources: Sequence[str], options: PredictOptions = PredictOptions(),
@@ -114,13 +109,12 @@ def predict(loaded: LoadedModel, sources: Sequence[str], options: PredictOptions
     workers = default_workers() if options.workers is None else options.workers
     draft = draft_size_for(loaded.data_config) if options.fast_decode else None
     pipeline = eval_pipeline(loaded.data_config, fast=options.fast_decode)
-    dataset = ImageSourceDataset(sources, pipeline.per_image, draft)
+    dataset = ImageSourceDataset(sources, pipeline.per_image, draft, pipeline.load)
     workers = min(workers, len(sources))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=options.batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate, pin_memory=device.type == "cuda",
-        persistent_workers=False, prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
-        worker_init_fn=_worker_init if workers > 0 else None,
+        persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
     )
     start = 0
     with torch.inference_mode():

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
 import json
 import math
 import os
@@ -55,6 +56,9 @@ STATE_VERSION = 1
 IMBALANCE_HINT_RATIO = 3.0  # max/min images per class above which a --balance hint is given
 MIN_DELTA = 1e-4  # a val loss lower by less than this is no improvement (patience, best/)
 
+# timm schedulers that can be stepped per optimizer update (plateau needs a metric per epoch)
+SCHEDULES = ("cosine", "tanh", "poly", "wsd", "constant")
+
 # Options that may change when a run is resumed; anything else must match the saved args.json.
 RESUMABLE_OPTIONS = ("epochs", "max_steps", "patience", "workers", "device")
 
@@ -64,7 +68,8 @@ Callback = Callable[[str, dict[str, Any]], None]
 @dataclass
 class FinetuneConfig:
     """One fine-tuning run. The defaults are a recipe for small datasets (hundreds to a few thousand
-    images) starting from an ImageNet-pretrained ViT."""
+    images) starting from an ImageNet-pretrained ViT; they were chosen on deit_tiny + hymenoptera
+    (245 train images), where they reach 95-97% val top-1 in 3 epochs on a CPU."""
 
     # data
     data: str = ""  # DATA/train/<class>/... (+ DATA/val/) or DATA/<class>/...
@@ -79,13 +84,14 @@ class FinetuneConfig:
     img_size: int | None = None  # None: the pretrained size; else pos_embed is resampled (patch size kept)
     drop_path: float = 0.1  # stochastic depth rate (ignored by models without it)
     freeze: bool = False  # train the classifier head only (a linear probe)
+    zero_head: bool = True  # the new head starts at zero (ViT paper); False keeps timm's random init
 
     # optimization
     epochs: int = 10
     batch_size: int = 32  # per process
     accum_steps: int = 1  # gradient accumulation: optimizer step every N batches
     opt: str = "adamw"  # any timm.optim name
-    lr: float = 5e-4  # peak LR of the head; lower layers get lr * layer_decay**depth
+    lr: float = 1e-3  # peak LR of the head; lower layers get lr * layer_decay**depth
     min_lr: float = 1e-6  # LR at the end of the schedule
     weight_decay: float = 0.05
     layer_decay: float | None = 0.65  # layer-wise LR decay (None/1.0 off); timm's group_matcher decides layers
@@ -102,15 +108,15 @@ class FinetuneConfig:
     cutmix: float = 0.0  # cutmix alpha (0: off)
 
     # weight averaging
-    ema: bool = False  # evaluate and save an exponential moving average of the weights
-    ema_decay: float = 0.998  # reached after a warmup (ModelEmaV3 use_warmup)
+    ema: bool = True  # evaluate and save an exponential moving average of the weights
+    ema_decay: float = 0.998  # approached with a warmup (ModelEmaV3 use_warmup: ~0.87 at step 20, 0.99 at 1000)
 
     # run
     precision: str = "auto"  # auto (bf16 where the hardware has it), fp32, bf16, fp16 (CUDA only)
     device: str = "auto"
     workers: int | None = None  # DataLoader processes per training process (None: CPU cores, at most 4)
     seed: int = 0
-    patience: int | None = None  # stop after this many epochs without a better val top-1 (None: off)
+    patience: int | None = None  # stop after N epochs without improvement (see MIN_DELTA; None: off)
     max_steps: int | None = None  # smoke runs: stop after N optimizer steps in total
     project: str = "runs/finetune"
     name: str | None = None  # run folder name (default exp, exp2, exp3, ...)
@@ -217,6 +223,14 @@ def check_config(config: FinetuneConfig) -> None:
         raise UsageError("--max-steps must be at least 1")
     if config.img_size is not None and config.img_size < 16:
         raise UsageError(f"--img-size {config.img_size} is too small")
+    from timm.optim import list_optimizers
+
+    if config.opt.lower() not in list_optimizers():
+        close = difflib.get_close_matches(config.opt.lower(), list_optimizers(), n=3)
+        raise UsageError(f"unknown --opt '{config.opt}'" + (f"; did you mean {', '.join(close)}?" if close else
+                                                             "; see timm.optim.list_optimizers()"))
+    if config.sched not in SCHEDULES:
+        raise UsageError(f"unknown --sched '{config.sched}'; use {', '.join(SCHEDULES)}")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -434,14 +448,22 @@ def build_model(config: FinetuneConfig, classes: list[str]) -> LoadedModel:
     extra: dict[str, Any] = {"img_size": config.img_size, "drop_path_rate": config.drop_path or None}
     while True:
         try:
-            return load_model(config.model, config.weights, pretrained=config.pretrained,
-                              num_classes=len(classes), labels=list(classes),
-                              **{k: v for k, v in extra.items() if v is not None})
+            loaded = load_model(config.model, config.weights, pretrained=config.pretrained,
+                                num_classes=len(classes), labels=list(classes),
+                                **{k: v for k, v in extra.items() if v is not None})
+            break
         except TypeError as e:  # "__init__() got an unexpected keyword argument 'img_size'"
             bad = next((k for k, v in extra.items() if v is not None and f"'{k}'" in str(e)), None)
             if bad is None:
                 raise
             extra[bad] = None
+    # A new head starts at zero, as in the ViT paper's fine-tuning: the backbone gets no gradient until
+    # the head has learned something, and the head's random init no longer adds run-to-run noise.
+    # A model folder already trained on these same classes keeps its head.
+    if config.zero_head and list(loaded.model.pretrained_cfg.get("label_names") or []) != list(classes):
+        for p in loaded.model.get_classifier().parameters():
+            nn.init.zeros_(p)
+    return loaded
 
 
 def model_data_config(model: nn.Module, img_size: int | None) -> dict[str, Any]:
@@ -657,7 +679,7 @@ class _Progress:
 def fit(config: FinetuneConfig, callback: Callback | None = None) -> RunResult:
     """Fine-tune ``config.model`` on ``config.data`` and write the run folder.
 
-    ``callback(event, info)`` receives "start", "epoch_start", "step", "epoch_end" and "end" events
+    ``callback(event, info)`` receives "start", "epoch_start", "step", "evaluate", "epoch_end" and "end" events
     (rank 0 only). Raises TrainingInterrupted after saving the state on Ctrl-C/SIGTERM,
     NonFiniteLossError on a NaN/inf loss, DatasetError/UsageError/ModelLoadError before training.
     """
@@ -759,12 +781,16 @@ def _fit(config: FinetuneConfig, callback: Callback | None, dist: Dist, device: 
 
             # evaluate the model that gets saved (the EMA one when --ema)
             eval_model = parts.ema.module if parts.ema is not None else parts.raw_model
+            emit("evaluate", {"epoch": epoch + 1, "images": len(data.val)})
+            eval_started = time.perf_counter()
             metrics = evaluate(eval_model, val_loader, len(classes), device, precision, dist)
+            eval_time = time.perf_counter() - eval_started
             row = {"epoch": epoch + 1,
                    "train_loss": progress.loss_sum / progress.images if progress.images else math.nan,
                    "val_loss": metrics["val_loss"], "val_top1": metrics["val_top1"],
                    "val_top5": metrics["val_top5"], "lr": stats["lr"],
-                   "epoch_time": progress.train_time, "img_s": progress.images / max(progress.train_time, 1e-9)}
+                   "epoch_time": progress.train_time + eval_time,  # seconds, training and evaluation
+                   "img_s": progress.images / max(progress.train_time, 1e-9)}  # training images per second
             if progress.rows and progress.rows[-1]["epoch"] == row["epoch"]:
                 progress.rows.pop()  # the partial row of a --max-steps stop, now completed
             progress.rows.append(row)
@@ -943,8 +969,9 @@ def _load_state(state: dict[str, Any], parts: TrainParts, dist: Dist) -> _Progre
         raise UsageError(f"{STATE_FILE} has version {state.get('version')}; this vitcli writes {STATE_VERSION}")
     parts.raw_model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
-    if parts.scheduler is not None and state["scheduler"] is not None:
-        parts.scheduler.load_state_dict(state["scheduler"])
+    saved_schedule = state["scheduler"] or {}
+    if parts.scheduler is not None and saved_schedule.get("t_initial") == getattr(parts.scheduler, "t_initial", None):
+        parts.scheduler.load_state_dict(saved_schedule)  # else --epochs changed: the new schedule takes over
     if parts.scaler is not None and state["scaler"] is not None:
         parts.scaler.load_state_dict(state["scaler"])
     if parts.ema is not None and state["ema"] is not None:

@@ -55,6 +55,9 @@ def finetune(
         show_default="pretrained")] = None,
     freeze: Annotated[bool | None, typer.Option(
         "--freeze", help="Train the classifier head only (a linear probe).", show_default="off")] = None,
+    zero_head: Annotated[bool | None, typer.Option(
+        "--zero-head/--random-head", help="Start the new classifier head at zero (the ViT paper's fine-tuning) "
+                                          "or from timm's random init.", show_default="on")] = None,
     val_split: Annotated[float | None, typer.Option(
         "--val-split", min=0.0, max=1.0, help="Fraction of each class held out for validation when DATA has "
                                               "no val/ folder (stratified, seeded by --seed).",
@@ -74,7 +77,7 @@ def finetune(
         show_default="1")] = None,
     lr: Annotated[float | None, typer.Option(
         "--lr", min=0.0, help="Peak learning rate (of the head, under --layer-decay).",
-        show_default="0.0005")] = None,
+        show_default="0.001")] = None,
     min_lr: Annotated[float | None, typer.Option("--min-lr", min=0.0, help="LR at the end of the schedule.",
                                                  show_default="1e-06")] = None,
     weight_decay: Annotated[float | None, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.",
@@ -112,7 +115,7 @@ def finetune(
         "--cutmix", min=0.0, help="CutMix alpha (e.g. 1.0; 0: off).", show_default="0.0")] = None,
     ema: Annotated[bool | None, typer.Option(
         "--ema/--no-ema", help="Evaluate and save an exponential moving average of the weights.",
-        show_default="off")] = None,
+        show_default="on")] = None,
     ema_decay: Annotated[float | None, typer.Option(
         "--ema-decay", min=0.0, max=1.0, help="EMA decay, reached after a warmup.",
         show_default="0.998")] = None,
@@ -127,7 +130,8 @@ def finetune(
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the split, the order and augmentation.",
                                              show_default="0")] = None,
     patience: Annotated[int | None, typer.Option(
-        "--patience", min=1, help="Stop after this many epochs without a better val top-1.",
+        "--patience", min=1, help="Stop after this many epochs without improvement (a higher val top-1, "
+                                  "or the same at a lower val loss).",
         show_default="off")] = None,
     max_steps: Annotated[int | None, typer.Option(
         "--max-steps", min=1, help="Stop after this many optimizer steps in total (smoke runs).",
@@ -195,6 +199,7 @@ class _View:
     def __init__(self) -> None:
         self.progress: Any = None
         self.task: Any = None
+        self.status: Any = None
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         getattr(self, f"on_{event}", lambda info: None)(info)
@@ -203,6 +208,9 @@ class _View:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
 
     def on_start(self, info: dict[str, Any]) -> None:
         from rich.table import Table
@@ -259,6 +267,13 @@ class _View:
         if self.progress is not None:
             self.progress.update(self.task, completed=info["batch"], loss=f"{info['loss']:.4f}",
                                  lr=f"{info['lr']:.2e}")
+
+    def on_evaluate(self, info: dict[str, Any]) -> None:
+        from vitcli.console import err
+
+        self.close()
+        self.status = err.status(f"epoch {info['epoch']}: evaluating on {info['images']} val images")
+        self.status.start()
 
     def on_epoch_end(self, info: dict[str, Any]) -> None:
         from rich.table import Table
