@@ -188,9 +188,9 @@ def load_model(
         model = _create_from_hub(name, pretrained, kwargs)
         source = "hub" if pretrained else "random"
     model.eval()
-    data_config = timm.data.resolve_model_data_config(model)
-    if img_size is not None:  # pretrained_cfg keeps the original resolution; feed the one built
-        data_config["input_size"] = (data_config["input_size"][0], img_size, img_size)
+    # pretrained_cfg keeps the source resolution: a ViT built at 288 must be fed 288, not its pretrained 224
+    data_config = (timm.data.resolve_input_data_config(model, args={"img_size": img_size}) if img_size
+                   else timm.data.resolve_model_data_config(model))
     return LoadedModel(
         model=model,
         name=name,
