@@ -5,6 +5,11 @@ In one run, on one folder of real JPEGs, for fp32 and bf16 (bf16 where the CPU h
   end-to-end   vitcli.predict.predict over the file paths (decode, transform, batch, forward,
                top-k): the code path of `vitcli predict`, default options (fast decode)
   --exact      the same with fast_decode=False (timm's own Pillow transform, full JPEG decode)
+  overlapped   the same work fed by DataLoader worker processes that decode beside the forward pass
+               (how vitcli feeds a GPU, and how it fed the CPU before: kept for comparison)
+  decode only  vitcli's decoding threads alone, no forward pass. On a CPU the decoding and the
+               forward pass share the cores, so a pipeline that takes turns cannot beat
+               decode / (decode + ceiling) of the ceiling: printed as "turn-taking bound"
   CLI          `vitcli predict FOLDER --json` as a subprocess, timed from outside; it includes
                interpreter start-up, imports and model loading, so it is reported separately
 and their ratios; bf16/fp32 speed; top-1 agreement and max prob difference of bf16 vs fp32 and of
@@ -30,9 +35,9 @@ from pathlib import Path
 
 import torch
 
-from vitcli.data import eval_transform, expand_inputs, load_image
+from vitcli.data import draft_size_for, eval_pipeline, eval_transform, expand_inputs, load_image
 from vitcli.models import autocast, cpu_supports_bf16, load_model
-from vitcli.predict import PredictOptions, default_workers, predict
+from vitcli.predict import ImageSourceDataset, PredictOptions, _collate, decoded_batches, default_workers, predict
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -103,10 +108,13 @@ def main() -> None:
                for i in range(0, n, args.batch_size)]
     precisions = ["fp32", "bf16"] if cpu_supports_bf16() else ["fp32"]
     workers = min(default_workers(), n)
+    pipeline = eval_pipeline(loaded.data_config, fast=True)
+    dataset = ImageSourceDataset(sources, pipeline.per_image, draft_size_for(loaded.data_config), pipeline.load)
     print(f"{n} images from {args.folder}")
     print(f"{args.model}, batch {args.batch_size}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"torch threads {torch.get_num_threads()}, DataLoader workers {workers} (vitcli default), "
-          f"native bf16: {cpu_supports_bf16()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+          f"torch threads {torch.get_num_threads()} (= vitcli's decoding threads), DataLoader workers for "
+          f"'overlapped' {workers}, native bf16: {cpu_supports_bf16()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     print(f"{args.repeats} interleaved repeats after a warm-up; best and median of the repeats\n")
 
     rows: list[tuple[str, str, list[float]]] = []
@@ -124,10 +132,24 @@ def main() -> None:
             for _ in predict(loaded, sources, options):
                 pass
 
+        def overlapped(ctx=ctx) -> None:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
+                                                 collate_fn=_collate, prefetch_factor=4)
+            with torch.inference_mode():
+                for images, _ in loader:
+                    with ctx:
+                        loaded.model(pipeline.to_batch(images)).float().softmax(dim=1).topk(5)
+
         seconds = interleaved({"ceiling": ceiling, "end-to-end": lambda: end_to_end(True),
-                               "end-to-end --exact-decode": lambda: end_to_end(False)}, args.repeats)
+                               "end-to-end --exact-decode": lambda: end_to_end(False),
+                               "overlapped (DataLoader)": overlapped}, args.repeats)
         rows += [(precision, mode, [n / s for s in values]) for mode, values in seconds.items()]
 
+    def decode_only() -> None:
+        for _ in decoded_batches(dataset, args.batch_size, _collate, torch.device("cpu")):
+            pass
+
+    decode = [n / s for s in interleaved({"decode": decode_only}, args.repeats)["decode"]]
     best = {(p, m): max(v) for p, m, v in rows}
     median = {(p, m): statistics.median(v) for p, m, v in rows}
     print(f"{'precision':9} {'mode':27} {'best img/s':>10} {'ratio':>6} {'median img/s':>12} {'ratio':>6}  repeats")
@@ -137,6 +159,12 @@ def main() -> None:
               f"{median[precision, mode] / median[precision, 'ceiling']:6.2f}  "
               f"{' '.join(f'{v:.0f}' for v in values)}")
     print("(ratio: to the same precision's ceiling; spread of the repeats = noise from other processes)")
+    print(f"\ndecode only (vitcli's decoding threads, no model): best {max(decode):.1f} img/s, "
+          f"median {statistics.median(decode):.1f} img/s")
+    for precision in precisions:
+        ceiling = best[precision, "ceiling"]
+        print(f"  {precision}: turn-taking bound decode / (decode + ceiling) = "
+              f"{max(decode) / (max(decode) + ceiling):.2f} of the ceiling")
     if "bf16" in precisions:
         print(f"\nbf16 / fp32 speed (best): ceiling {best['bf16', 'ceiling'] / best['fp32', 'ceiling']:.2f}x, "
               f"end-to-end {best['bf16', 'end-to-end'] / best['fp32', 'end-to-end']:.2f}x")

@@ -224,8 +224,33 @@ def test_bad_inputs_in_table_mode_keep_errors_off_stdout(tiny_model_dir, tmp_pat
     assert result.exit_code == 1
     assert "good.jpg" in result.stdout
     assert "broken.jpg" not in result.stdout and "gone.jpg" not in result.stdout
-    assert error_lines(result.stderr) == ["Error: gone.jpg: no such file or directory",
-                                          "Error: broken.jpg: not an image Pillow can read"]
+    assert error_lines(result.stderr) == ["Error: broken.jpg: not an image Pillow can read",
+                                          "Error: gone.jpg: no such file or directory"]
+
+
+def test_json_records_keep_input_order_with_input_problems_in_place(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_image(Path("first.jpg"))
+    folder = [make_image(Path("folder") / f"{i}.png", seed=i) for i in (1, 2)]
+    Path("empty").mkdir()
+    Path("broken.jpg").write_text("nope")
+    make_image(Path("last.png"), seed=3)
+    inputs = ["first.jpg", "[draft] gone.jpg", "folder", "empty", "broken.jpg", "*.webp", "last.png", "also_gone.jpg"]
+
+    result = predict_tiny(tiny_model_dir, *inputs, "--json", "--top-k", "1", "--csv", "out.csv")
+
+    assert result.exit_code == 1
+    records = json_lines(result.stdout)
+    sources = ["first.jpg", "[draft] gone.jpg", *map(str, folder), "empty", "broken.jpg", "*.webp", "last.png",
+               "also_gone.jpg"]
+    assert [r["source"] for r in records] == sources
+    failed = [r for r in records if r["error"]]
+    assert [r["source"] for r in failed] == ["[draft] gone.jpg", "empty", "broken.jpg", "*.webp", "also_gone.jpg"]
+    assert all(set(r) == {"source", "predictions", "error"} and r["predictions"] == [] for r in failed)
+    assert all(len(r["predictions"]) == 1 for r in records if not r["error"])
+    # stderr says the same, one line each, in the same order (markup-like names printed as they are)
+    assert [line.split(": ")[1] for line in error_lines(result.stderr)] == [r["source"] for r in failed]
+    assert [row["source"] for row in csv.DictReader(open("out.csv", newline=""))] == sources
 
 
 def test_image_over_the_decompression_bomb_limit(tiny_model_dir, tmp_path, monkeypatch):
@@ -323,6 +348,26 @@ def test_malicious_pickle_is_refused_with_one_line(images, tmp_path):
     assert f"refused to load '{evil}'" in line
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert not sentinel.exists()
+
+
+def test_truncated_weights_file_is_one_line_not_called_unsafe(images, tmp_path):
+    import timm
+    import torch
+
+    path = tmp_path / "cut_short.pth"
+    torch.save(timm.create_model("test_vit").state_dict(), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(bytes(range(256)) * 8)  # raises pickle.UnpicklingError, as a refused global does
+
+    for weights in (noise, path):
+        result = invoke("predict", images[0], "--model", "test_vit", "--weights", weights)
+
+        assert result.exit_code == 1
+        [line] = error_lines(result.stderr)
+        assert f"'{weights}' is not a readable PyTorch checkpoint; the file is corrupt or truncated" in line
+        assert "refused" not in line and "run code" not in line
+        assert result.stdout == ""
 
 
 def test_weights_that_do_not_fit_with_one_line(images, tmp_path):

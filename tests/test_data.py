@@ -323,6 +323,7 @@ def test_truncated_jpeg(tmp_path, draft):
     assert info.value.source == str(path)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's own, before vitcli refuses
 @pytest.mark.parametrize("size", [(64, 48), (40, 40)], ids=["over-2x-limit", "between-1x-and-2x"])
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch, size):
     path = make_image(tmp_path / "big.png", size=size)

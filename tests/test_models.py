@@ -28,6 +28,7 @@ from vitcli.models import (
     hub_reachable,
     list_store,
     load_model,
+    load_weights,
     read_state_dict,
     resolve_device,
     save_model_folder,
@@ -231,6 +232,34 @@ def test_weights_with_another_head_size_name_the_head(tmp_path):
     assert load_model("test_vit", weights=path, num_classes=5).num_classes == 5
 
 
+def test_headless_model_drops_the_head_of_the_weights_file(tmp_path, source_vit, batch):
+    path = tmp_path / "with_head.safetensors"
+    safetensors.torch.save_file(source_vit.state_dict(), path)  # has head.weight (1000, 64), head.bias
+
+    loaded = load_model("test_vit", weights=path, num_classes=0)
+
+    assert loaded.num_classes == 0 and loaded.model.num_classes == 0
+    torch.testing.assert_close(logits(loaded.model, batch), source_vit.forward_head(
+        source_vit.forward_features(batch), pre_logits=True).detach(), rtol=0, atol=0)
+    # the direct call too: a headless model has nowhere to put a classifier
+    headless = timm.create_model("test_vit", pretrained=False, num_classes=0)
+    load_weights(headless, path)
+    assert torch.equal(headless.state_dict()["cls_token"], source_vit.state_dict()["cls_token"])
+
+
+def test_headless_model_still_names_mismatches_outside_the_head(tmp_path, source_vit):
+    path = tmp_path / "test_vit.safetensors"
+    state = source_vit.state_dict()
+    safetensors.torch.save_file({k: v for k, v in state.items() if k != "norm.bias"}, path)
+
+    with pytest.raises(WeightsMismatchError) as info:
+        load_model("test_vit", weights=path, num_classes=0)
+    assert "missing norm.bias (64,)" in str(info.value) and "unexpected head" not in str(info.value)
+    with pytest.raises(WeightsMismatchError,
+                       match=r"cls_token has shape \(1, 1, 64\), model expects \(1, 1, 192\)"):
+        load_model("deit_tiny_patch16_224", weights=tmp_path / "test_vit.safetensors", num_classes=0)
+
+
 def _write_malicious_pickles(tmp_path: Path, sentinel: Path) -> list[Path]:
     class Exploit:
         def __reduce__(self):
@@ -247,11 +276,42 @@ def _write_malicious_pickles(tmp_path: Path, sentinel: Path) -> list[Path]:
 def test_malicious_pickle_is_refused_and_never_executed(tmp_path):
     sentinel = tmp_path / "SENTINEL"
     for path in _write_malicious_pickles(tmp_path, sentinel):
-        with pytest.raises(UnsafeCheckpointError, match="refused to load"):
+        with pytest.raises(UnsafeCheckpointError, match=r"refused to load .*\.system\)"):
             read_state_dict(path)
         with pytest.raises(UnsafeCheckpointError):
             load_model("test_vit", weights=path)
     assert not sentinel.exists()
+
+
+def _truncated_and_corrupt_checkpoints(tmp_path: Path, model: torch.nn.Module) -> list[Path]:
+    import io
+
+    zipped, legacy = io.BytesIO(), io.BytesIO()
+    torch.save(model.state_dict(), zipped)
+    torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    files = {  # the first two raise pickle.UnpicklingError, as a refused global does
+        "random.pth": np.random.default_rng(0).bytes(4096),
+        "legacy_cut_in_a_global.pt": legacy.getvalue()[:200],  # cut inside "torch._utils\n_rebuild..."
+        "half.pth": zipped.getvalue()[: len(zipped.getvalue()) // 2],  # a download cut short
+        "legacy_half.pt": legacy.getvalue()[: len(legacy.getvalue()) // 2],
+        "empty.pth": b"",
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return [tmp_path / name for name in files]
+
+
+def test_truncated_or_corrupt_checkpoints_are_not_called_unsafe(tmp_path, source_vit):
+    for path in _truncated_and_corrupt_checkpoints(tmp_path, source_vit):
+        with pytest.raises(ModelLoadError) as info:
+            read_state_dict(path)
+
+        assert not isinstance(info.value, UnsafeCheckpointError), path.name
+        message = str(info.value)
+        assert f"'{path}' is not a readable PyTorch checkpoint" in message and "\n" not in message
+        assert "refused" not in message and "run code" not in message
+        expected = "the file is empty (0 bytes)" if path.name == "empty.pth" else "the file is corrupt or truncated"
+        assert expected in message, message
 
 
 def test_unreadable_weight_files(tmp_path):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import DEIT_WEIGHTS, TINY_LABELS, make_image, shared
 from vitcli.errors import UsageError
 from vitcli.models import LoadedModel, load_model
-from vitcli.predict import Prediction, PredictOptions, predict
+from vitcli.predict import ImageSourceDataset, Prediction, PredictOptions, _collate, decoded_batches, predict
 
 FAST = PredictOptions(workers=0)  # in-process decoding: the quickest for a handful of images
 
@@ -106,16 +108,57 @@ def test_on_batch_reports_progress(tiny, images):
     assert done == [2, 3]
 
 
-def test_worker_processes_give_identical_results(tiny, tmp_path):
-    sources = [make_image(tmp_path / f"w{i}.jpg", size=(90, 70), seed=i) for i in range(6)]
+@pytest.mark.parametrize("workers", [2, 3])
+def test_decoding_threads_give_identical_results_in_order(tiny, tmp_path, workers):
+    # 300x240 JPEGs take the fast path (torchvision decode, torch resize) inside the threads
+    sources = [make_image(tmp_path / f"w{i}.jpg", size=(300, 240), seed=i) for i in range(7)]
     bad = tmp_path / "bad.jpg"
     bad.write_text("x")
     sources.insert(3, bad)
 
-    in_process = run(tiny, sources, batch_size=2, workers=0, top_k=3)
-    two_workers = run(tiny, sources, batch_size=2, workers=2, top_k=3)
+    inline = run(tiny, sources, batch_size=3, workers=0, top_k=3)
+    threads = run(tiny, sources, batch_size=3, workers=workers, top_k=3)
 
-    assert in_process == two_workers
+    assert [r.source for r in threads] == [str(s) for s in sources]
+    assert threads == inline  # same order, same errors, same probabilities to the last bit
+    assert [r.ok for r in threads] == [True, True, True, False, True, True, True, True]
+
+
+def test_an_accelerator_is_fed_by_dataloader_processes_the_cpu_by_threads(tmp_path):
+    sources = [str(make_image(tmp_path / f"d{i}.png", size=(40, 30), seed=i)) for i in range(5)]
+    dataset = ImageSourceDataset(sources, lambda img: torch.from_numpy(np.array(img)))
+
+    on_gpu = decoded_batches(dataset, 2, _collate, torch.device("cuda"), workers=2)
+    on_cpu = decoded_batches(dataset, 2, _collate, torch.device("cpu"), workers=2)
+
+    assert isinstance(on_gpu, torch.utils.data.DataLoader) and on_gpu.num_workers == 2
+    assert not isinstance(on_cpu, torch.utils.data.DataLoader)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pin_memory without a GPU
+        gpu_batches = list(on_gpu)
+    cpu_batches = list(on_cpu)
+    assert [len(errors) for _, errors in cpu_batches] == [2, 2, 1]
+    for (a, a_errors), (b, b_errors) in zip(gpu_batches, cpu_batches, strict=True):
+        assert torch.equal(a, b) and a_errors == b_errors
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's own, before vitcli refuses
+def test_pixel_limit_holds_in_decoding_threads_and_leaves_warning_filters_alone(tiny, tmp_path, monkeypatch):
+    import PIL.Image
+
+    def filters() -> list:  # vitcli may add one filter, once, for torchvision's decode_jpeg deprecation
+        return [f for f in warnings.filters if not (f[1] is not None and "TorchVision" in f[1].pattern)]
+
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 50_000)
+    sources = [make_image(tmp_path / f"s{i}.jpg", size=(200, 200), seed=i) for i in range(6)]
+    sources[2] = make_image(tmp_path / "over.jpg", size=(240, 240))  # 57,600 px: between 1x and 2x the limit
+    before = filters()
+
+    results = run(tiny, sources, batch_size=6, workers=3)
+
+    assert [r.ok for r in results] == [True, True, False, True, True, True]
+    assert "decompression-bomb limit" in results[2].error
+    assert filters() == before
 
 
 def test_tta_changes_probabilities_but_they_still_sum_to_one(tiny, images):

@@ -15,7 +15,7 @@ import torch
 from conftest import DEIT_WEIGHTS, make_image, shared
 from vitcli import train
 from vitcli.datasets import FolderData
-from vitcli.errors import DatasetError, UsageError
+from vitcli.errors import DatasetError, UsageError, VitcliError
 from vitcli.train import (
     STATE_FILE,
     Dist,
@@ -277,6 +277,16 @@ def test_resume_after_ctrl_c_ends_with_the_same_weights(straight_run, tiny_model
     _assert_same_weights(_state(straight.run_dir)["ema"], _state(resumed.run_dir)["ema"])
     assert [r["epoch"] for r in resumed.rows] == [1, 2]
     assert resumed.rows[-1]["val_loss"] == pytest.approx(straight.rows[-1]["val_loss"])
+
+
+def test_resume_from_a_damaged_state_file_is_one_clear_error(tmp_path, data, tiny_model_dir):
+    run = fit(config(tmp_path, data, tiny_model_dir, epochs=1, max_steps=1)).run_dir
+    state = run / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+    with pytest.raises(VitcliError, match=r"cannot resume: '.*state.pt' is corrupt or truncated") as info:
+        fit(resume_config(run))
+    assert info.value.exit_code == 1 and "\n" not in str(info.value)
 
 
 def test_max_steps_stops_mid_epoch_and_resume_finishes_it(tmp_path, data, tiny_model_dir):

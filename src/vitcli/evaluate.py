@@ -170,14 +170,14 @@ def evaluate_model(
         data_dir: a split folder of class sub-folders, or a dataset root (DATA/test, else
             DATA/val|validation|valid, else DATA itself; see ``datasets.find_eval_dir``).
         split: a sub-folder of ``data_dir`` to evaluate instead of the automatic choice.
-        workers: DataLoader decoding processes (None: one per CPU core, at most 4).
+        workers: image decoders, as for ``vitcli predict`` (``vitcli.predict.decoded_batches``).
         device, precision: as for ``vitcli predict`` (``auto``/``cpu``/``cuda``; ``fp32``/``bf16``/``fp16``).
         strict: an unreadable image is fatal (checked before evaluating) instead of skipped.
         on_batch: called with (images done, total) after each batch, for progress bars.
     """
     from vitcli.data import eval_transform
     from vitcli.datasets import drop_unreadable
-    from vitcli.predict import default_workers
+    from vitcli.predict import decoded_batches
 
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
@@ -190,12 +190,8 @@ def evaluate_model(
     num_classes = loaded.num_classes
     k = min(5, num_classes)
     model = loaded.model.to(torch_device).eval()
-    workers = default_workers() if workers is None else workers
-    loader = torch.utils.data.DataLoader(
-        _TolerantImages(samples, eval_transform(loaded.data_config)), batch_size=batch_size, shuffle=False,
-        num_workers=min(workers, len(samples)), collate_fn=_collate, pin_memory=torch_device.type == "cuda",
-        prefetch_factor=4 if workers > 0 else None,
-    )
+    loader = decoded_batches(_TolerantImages(samples, eval_transform(loaded.data_config)), batch_size, _collate,
+                             torch_device, workers)
     all_targets: list[torch.Tensor] = []
     all_preds: list[torch.Tensor] = []
     correct1 = correct_k = 0

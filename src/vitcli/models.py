@@ -16,6 +16,7 @@ import contextlib
 import difflib
 import os
 import pickle
+import re
 import shutil
 import socket
 import sys
@@ -311,14 +312,43 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         # timm's own training checkpoints carry an argparse.Namespace of their arguments
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"refused to load '{path}': it needs arbitrary Python objects to unpickle, which could run "
-            "code; vitcli loads plain tensors only (weights_only=True): save a state_dict or .safetensors"
-        ) from e
-    except Exception as e:  # garbage bytes raise anything: RuntimeError, EOFError, KeyError, ...
-        raise ModelLoadError(f"'{path}' is not a readable PyTorch checkpoint ({_first_line(e)})") from e
+    except Exception as e:  # garbage bytes raise anything: UnpicklingError, RuntimeError, EOFError, KeyError, ...
+        if isinstance(e, pickle.UnpicklingError) and (name := _refused_global(e)):
+            raise UnsafeCheckpointError(
+                f"refused to load '{path}': it needs arbitrary Python objects to unpickle ({name}), which "
+                "could run code; vitcli loads plain tensors only (weights_only=True): save a state_dict "
+                "or .safetensors"
+            ) from e
+        reason = "the file is empty (0 bytes)" if path.stat().st_size == 0 else (
+            f"the file is corrupt or truncated ({_unpickle_reason(e)})")
+        raise ModelLoadError(f"'{path}' is not a readable PyTorch checkpoint; {reason}; "
+                             "download or save it again") from e
     return unwrap_state_dict(checkpoint, path)
+
+
+def _unpickle_reason(e: BaseException) -> str:
+    """The first sentence of torch.load's own reason (its UnpicklingError wraps it in advice for pickles)."""
+    if isinstance(e, pickle.UnpicklingError) and e.__context__ is not None:
+        e = e.__context__  # torch re-raises the weights-only unpickler's error `from None`
+    text = str(e).strip()
+    if not text or isinstance(e, KeyError):  # EOFError(), KeyError('101') say nothing readable
+        return type(e).__name__
+    return text.splitlines()[0].split(". ")[0].rstrip(".")
+
+
+def _refused_global(e: pickle.UnpicklingError) -> str | None:
+    """The Python object a weights-only load refused to import, or None when the bytes are just corrupt.
+
+    torch raises UnpicklingError for both: "Unsupported global: GLOBAL os.system ..." or "unsupported
+    GLOBAL posix.system whose module posix is blocked" for a pickle that imports code, "Unsupported
+    operand 73" and the like for bytes that are no pickle at all.
+    """
+    match = re.search(r"GLOBAL (\S*) (?:was not an allowed global|whose module \S+ is blocked)", str(e))
+    if match is None:
+        return None
+    # a file cut inside a GLOBAL opcode reads an empty name ("torch._utils."): truncated, not malicious
+    name = match.group(1)
+    return name if name and not name.endswith(".") else None
 
 
 def unwrap_state_dict(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -338,7 +368,8 @@ def load_weights(model: nn.Module, path: Path, *, new_head: bool = False) -> Non
 
     The architecture's own ``checkpoint_filter_fn`` adapts original releases (DeiT, JAX-converted
     keys) and resamples position embeddings to the model's resolution. With ``new_head`` a
-    classifier of another size is left freshly initialised (fine-tuning to new classes).
+    classifier of another size is left freshly initialised (fine-tuning to new classes); a headless
+    model (``num_classes=0``) ignores the file's classifier.
     """
     path = Path(path)
     if path.suffix.lower() == ".npz":
@@ -350,11 +381,15 @@ def load_weights(model: nn.Module, path: Path, *, new_head: bool = False) -> Non
         with contextlib.suppress(Exception):  # a filter that can't handle these keys: check them as they are
             state_dict = filter_fn(state_dict, model)
     expected = model.state_dict()
+    head = _classifier_prefixes(model)
     if new_head:
-        head = _classifier_prefixes(model)
         state_dict = {k: v for k, v in state_dict.items()
                       if not (k.startswith(head) and k in expected and v.shape != expected[k].shape)}
-    problems = weight_mismatches(state_dict, expected, allow_missing=_classifier_prefixes(model) if new_head else ())
+    if getattr(model, "num_classes", None) == 0:
+        # a headless model (num_classes=0, features only) has nowhere to put the file's classifier,
+        # so it is dropped, as timm's load_pretrained does
+        state_dict = {k: v for k, v in state_dict.items() if not (k.startswith(head) and k not in expected)}
+    problems = weight_mismatches(state_dict, expected, allow_missing=head if new_head else ())
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         arch = model.pretrained_cfg.get("architecture", type(model).__name__)

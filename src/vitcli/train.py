@@ -157,6 +157,15 @@ class TrainingInterrupted(VitcliError):
         self.exit_code = exit_code
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    """The training state, loaded as plain tensors and containers only (weights_only=True)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # written atomically, so only damage from outside gets here
+        raise VitcliError(f"cannot resume: '{path}' is corrupt or truncated ({type(e).__name__}); its weights "
+                          f"are in '{path.parent / 'last'}': start a new run with --model on that folder") from e
+
+
 class NonFiniteLossError(VitcliError):
     """The loss became NaN or infinite; the last good state is kept."""
 
@@ -726,7 +735,7 @@ def _fit(config: FinetuneConfig, callback: Callback | None, dist: Dist, device: 
         run_dir = _on_rank0(lambda: _new_run_dir(config), dist)
     assert run_dir is not None
     if resuming:
-        state = torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=True)
+        state = _read_state(run_dir / STATE_FILE)
         progress = _load_state(state, parts, dist)
     if dist.main:
         if not resuming:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated
 
 import typer
@@ -40,4 +41,6 @@ app.add_typer(weights.app, name="weights")
 
 
 def main() -> None:
+    # an image over Pillow's pixel limit gets vitcli's own one-line error; Pillow's warning would repeat it
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     app()

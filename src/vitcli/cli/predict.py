@@ -50,24 +50,55 @@ def predict(
     Example: vitcli predict photos/ cat.jpg --model deit_tiny_patch16_224 --top-k 3
 
     --json prints JSON Lines: one object per image, {"source", "predictions": [{"rank", "index",
-    "label", "prob"}], "error"}. Exit code 1 if any input failed (the rest are still predicted).
+    "label", "prob"}], "error"}, in input order. An input that names no image (a missing file, an
+    empty folder, a glob with no match) gets an object too, with its error and no predictions.
+    Errors are also printed to stderr, one line each. Exit code 1 if any input failed (the rest are
+    still predicted).
     """
     with handled_errors():
-        from vitcli.data import expand_inputs, read_path_list
+        from vitcli.data import read_path_list
 
         raw = list(inputs or [])
         if files_from is not None:
             raw += read_path_list(files_from)
         if not raw:
             raise fail("no images given; pass files, folders, globs or URLs, or --files-from FILE", 2)
-        sources, problems = expand_inputs(raw)
+        sources, problems = _expand_in_order(raw)
         # the model loads even when no input exists, so a bad --model is reported as such (exit 2)
         results = _run(sources, model, weights, top_k, batch_size, workers, device, precision, tta,
                        not exact_decode)
-        _report(results, problems, json_out, csv_out)
-        failed = len(problems) + sum(not r.ok for r in results)
-        if failed:
+        records = _in_input_order(results, problems)
+        _report(records, json_out, csv_out)
+        if not all(r.ok for r in records):
             raise typer.Exit(1)
+
+
+def _expand_in_order(raw: list[str]):
+    """Image sources, and each input problem with the number of sources that come before it."""
+    from vitcli.data import expand_inputs
+
+    sources, problems = [], []
+    for argument in raw:  # one at a time, to know where each problem belongs among the images
+        found, bad = expand_inputs([argument])
+        problems += [(len(sources), problem) for problem in bad]
+        sources += found
+    return sources, problems
+
+
+def _in_input_order(results, problems):
+    """Predictions with each input problem as a failed Prediction, in the order of the inputs."""
+    from vitcli.predict import Prediction
+
+    before: dict[int, list] = {}  # source index -> the problems just before it
+    for position, problem in problems:
+        before.setdefault(position, []).append(Prediction(problem.source, error=problem.reason))
+    records = []
+    for i, result in enumerate(results):
+        records += before.pop(i, [])
+        records.append(result)
+    for rest in before.values():  # after the last image (positions only grow, so still in order)
+        records += rest
+    return records
 
 
 def _run(sources, model, weights, top_k, batch_size, workers, device, precision, tta, fast_decode):
@@ -95,27 +126,24 @@ def _run(sources, model, weights, top_k, batch_size, workers, device, precision,
     return results
 
 
-def _report(results, problems, json_out: bool, csv_out: Path | None) -> None:
+def _report(records, json_out: bool, csv_out: Path | None) -> None:
     import json
+
+    from rich.markup import escape
 
     from vitcli.console import err, out
 
-    for problem in problems:
-        err.print(f"[bold red]Error:[/] {problem.source}: {problem.reason}", highlight=False)
-    for r in results:
+    for r in records:
         if not r.ok:
-            err.print(f"[bold red]Error:[/] {r.source}: {r.error}", highlight=False)
+            err.print(f"[bold red]Error:[/] {escape(f'{r.source}: {r.error}')}", highlight=False)
     if csv_out is not None:
-        _write_csv(csv_out, results, problems)
+        _write_csv(csv_out, records)
     if json_out:
-        for r in [*problems, *results]:
-            error = getattr(r, "error", None) or getattr(r, "reason", None)
-            record = {"source": r.source,
-                      "predictions": [vars(label) for label in getattr(r, "top", [])],
-                      "error": error}
+        for r in records:
+            record = {"source": r.source, "predictions": [vars(label) for label in r.top], "error": r.error}
             out.out(json.dumps(record), highlight=False)
         return
-    ok = [r for r in results if r.ok]
+    ok = [r for r in records if r.ok]
     if ok:
         out.print(_table(ok))
 
@@ -135,7 +163,7 @@ def _table(results):
     return table
 
 
-def _write_csv(path: Path, results, problems) -> None:
+def _write_csv(path: Path, records) -> None:
     import csv
 
     from vitcli.fileio import atomic_open
@@ -143,10 +171,8 @@ def _write_csv(path: Path, results, problems) -> None:
     with atomic_open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["source", "rank", "index", "label", "prob", "error"])
-        for r in results:
+        for r in records:
             if not r.ok:
                 writer.writerow([r.source, "", "", "", "", r.error])
             for label in r.top:
                 writer.writerow([r.source, label.rank, label.index, label.label, f"{label.prob:.6f}", ""])
-        for p in problems:
-            writer.writerow([p.source, "", "", "", "", p.reason])
