@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--no-cli", action="store_true", help="skip the `vitcli predict` subprocess timing")
+    parser.add_argument("--agreement-folder", default=str(SHARED / "hymenoptera"),
+                        help="a larger set for the bf16 vs fp32 agreement as well ('' to skip)")
     args = parser.parse_args()
     wall_start = time.perf_counter()
 
@@ -177,6 +179,14 @@ def main() -> None:
         fast16 = all_probs(loaded, sources, precision="bf16")
         print(f"  bf16 vs fp32, default (fast) decode: {compare(fast16, fast32)}")
         print(f"  bf16 fast vs fp32 exact decode:      {compare(fast16, exact32)}")
+        flips = (fast16.argmax(1) != fast32.argmax(1)).nonzero().flatten().tolist()
+        for i in flips:  # how close the fp32 answer was: the gap between its top two probabilities
+            top2 = fast32[i].topk(2).values
+            print(f"    flipped: {Path(sources[i]).name}: fp32 top-2 margin {(top2[0] - top2[1]).item():.4f}")
+        if args.agreement_folder and Path(args.agreement_folder).is_dir():
+            wider, _ = expand_inputs([args.agreement_folder])
+            a32, a16 = (all_probs(loaded, wider, precision=p) for p in ("fp32", "bf16"))
+            print(f"  bf16 vs fp32 on all {len(wider)} images of {args.agreement_folder}: {compare(a16, a32)}")
 
     if not args.no_cli:
         print("\n`vitcli predict FOLDER --json` as a subprocess (start-up, imports, model load included):")
