@@ -10,6 +10,7 @@ In one run, on one folder of real JPEGs, for fp32 and bf16 (bf16 where the CPU h
   decode only  vitcli's decoding threads alone, no forward pass. On a CPU the decoding and the
                forward pass share the cores, so a pipeline that takes turns cannot beat
                decode / (decode + ceiling) of the ceiling: printed as "turn-taking bound"
+  phases       predict's CPU loop timed phase by phase: seconds decoding, seconds in the forward pass
   CLI          `vitcli predict FOLDER --json` as a subprocess, timed from outside; it includes
                interpreter start-up, imports and model loading, so it is reported separately
 and their ratios; bf16/fp32 speed; top-1 agreement and max prob difference of bf16 vs fp32 and of
@@ -64,6 +65,25 @@ def all_probs(loaded, sources: list[str], **options) -> torch.Tensor:
         if r.ok:
             probs[i, [label.index for label in r.top]] = torch.tensor([label.prob for label in r.top])
     return probs
+
+
+def time_phases(loaded, dataset, pipeline, batch_size: int, precision: str) -> tuple[float, float]:
+    """Seconds spent waiting for decoded batches and seconds in the forward pass, in predict's CPU loop."""
+    ctx = autocast(torch.device("cpu"), precision)
+    decode_s = forward_s = 0.0
+    with torch.inference_mode():
+        batches = iter(decoded_batches(dataset, batch_size, _collate, torch.device("cpu")))
+        while True:
+            start = time.perf_counter()
+            try:
+                images, _ = next(batches)
+            except StopIteration:
+                return decode_s, forward_s
+            decoded = time.perf_counter()
+            with ctx:
+                loaded.model(pipeline.to_batch(images)).float().softmax(dim=1).topk(5)
+            decode_s += decoded - start
+            forward_s += time.perf_counter() - decoded
 
 
 def compare(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -167,6 +187,12 @@ def main() -> None:
         ceiling = best[precision, "ceiling"]
         print(f"  {precision}: turn-taking bound decode / (decode + ceiling) = "
               f"{max(decode) / (max(decode) + ceiling):.2f} of the ceiling")
+    print("\nwhere an end-to-end run spends its time (vitcli's CPU loop, timed phase by phase; median of the repeats):")
+    for precision in precisions:
+        phases = [time_phases(loaded, dataset, pipeline, args.batch_size, precision) for _ in range(args.repeats)]
+        decode_s, forward_s = (statistics.median(p[i] for p in phases) for i in (0, 1))
+        print(f"  {precision}: decoding {decode_s:.2f} s + forward {forward_s:.2f} s for {n} images; decoding is "
+              f"{decode_s / (decode_s + forward_s) * 100:.0f}% of the time")
     if "bf16" in precisions:
         print(f"\nbf16 / fp32 speed (best): ceiling {best['bf16', 'ceiling'] / best['fp32', 'ceiling']:.2f}x, "
               f"end-to-end {best['bf16', 'end-to-end'] / best['fp32', 'end-to-end']:.2f}x")
