@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 
@@ -12,7 +13,15 @@ import torch
 from conftest import DEIT_WEIGHTS, TINY_LABELS, make_image, shared
 from vitcli.errors import UsageError
 from vitcli.models import LoadedModel, load_model
-from vitcli.predict import ImageSourceDataset, Prediction, PredictOptions, _collate, decoded_batches, predict
+from vitcli.predict import (
+    ImageSourceDataset,
+    Prediction,
+    PredictOptions,
+    _collate,
+    decoded_batches,
+    predict,
+    scored_batches,
+)
 
 FAST = PredictOptions(workers=0)  # in-process decoding: the quickest for a handful of images
 
@@ -140,6 +149,37 @@ def test_an_accelerator_is_fed_by_dataloader_processes_the_cpu_by_threads(tmp_pa
     assert [len(errors) for _, errors in cpu_batches] == [2, 2, 1]
     for (a, a_errors), (b, b_errors) in zip(gpu_batches, cpu_batches, strict=True):
         assert torch.equal(a, b) and a_errors == b_errors
+
+
+def test_cpu_streams_score_whole_batches_in_order_on_their_share_of_threads(tmp_path):
+    sources = [str(make_image(tmp_path / f"s{i}.png", size=(24, 24), seed=i)) for i in range(7)]
+    dataset = ImageSourceDataset(sources, lambda img: torch.from_numpy(np.array(img)))
+    threads = torch.get_num_threads()
+    seen = []
+
+    def score(batch):
+        images, errors = batch
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return images[:, 0, 0, 0].tolist()  # one pixel per image identifies it
+
+    scored = list(scored_batches(dataset, 2, _collate, score, torch.device("cpu"), workers=2))
+
+    inline = list(scored_batches(dataset, 2, _collate, lambda b: b[0][:, 0, 0, 0].tolist(), torch.device("cpu"), 0))
+    assert scored == inline and [len(b) for b in scored] == [2, 2, 2, 1]
+    assert all(name.startswith("vitcli-stream") for name, _ in seen)
+    assert {n for _, n in seen} == {max(1, threads // 2)}
+    assert torch.get_num_threads() == threads  # restored
+
+
+def test_abandoning_predict_midway_restores_torch_threads(tiny, tmp_path):
+    sources = [str(make_image(tmp_path / f"a{i}.png", size=(40, 40), seed=i)) for i in range(8)]
+    threads = torch.get_num_threads()
+
+    results = predict(tiny, sources, PredictOptions(batch_size=2, workers=2, device="cpu"))
+    first = next(results)
+    results.close()
+
+    assert first.ok and torch.get_num_threads() == threads
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's own, before vitcli refuses
