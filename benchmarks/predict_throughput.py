@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -47,7 +48,6 @@ from vitcli.predict import (
     ImageSourceDataset,
     PredictOptions,
     _collate,
-    decoded_batches,
     default_workers,
     predict,
     scored_batches,
@@ -80,12 +80,19 @@ def all_probs(loaded, sources: list[str], **options) -> torch.Tensor:
     return probs
 
 
+def decoded_in_turns(dataset, batch_size: int):
+    """Batches decoded by one thread per torch thread, all on one batch at a time (then the model runs)."""
+    with ThreadPoolExecutor(torch.get_num_threads()) as pool:
+        for first in range(0, len(dataset), batch_size):
+            yield _collate(list(pool.map(dataset.__getitem__, range(first, min(first + batch_size, len(dataset))))))
+
+
 def time_phases(loaded, dataset, pipeline, batch_size: int, precision: str) -> tuple[float, float]:
     """Seconds spent waiting for decoded batches and seconds in the forward pass, taking turns on the CPU."""
     ctx = autocast(torch.device("cpu"), precision)
     decode_s = forward_s = 0.0
     with torch.inference_mode():
-        batches = iter(decoded_batches(dataset, batch_size, _collate, torch.device("cpu")))
+        batches = iter(decoded_in_turns(dataset, batch_size))
         while True:
             start = time.perf_counter()
             try:
@@ -190,7 +197,7 @@ def main() -> None:
         rows += [(precision, mode, [n / s for s in values]) for mode, values in seconds.items()]
 
     def decode_only() -> None:
-        for _ in decoded_batches(dataset, args.batch_size, _collate, torch.device("cpu")):
+        for _ in decoded_in_turns(dataset, args.batch_size):
             pass
 
     decode = [n / s for s in interleaved({"decode": decode_only}, args.repeats)["decode"]]

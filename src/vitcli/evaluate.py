@@ -170,19 +170,19 @@ def evaluate_model(
         data_dir: a split folder of class sub-folders, or a dataset root (DATA/test, else
             DATA/val|validation|valid, else DATA itself; see ``datasets.find_eval_dir``).
         split: a sub-folder of ``data_dir`` to evaluate instead of the automatic choice.
-        workers: image decoders, as for ``vitcli predict`` (``vitcli.predict.decoded_batches``).
+        workers: CPU streams or GPU DataLoader processes, as for ``vitcli predict`` (``vitcli.predict.scored_batches``).
         device, precision: as for ``vitcli predict`` (``auto``/``cpu``/``cuda``; ``fp32``/``bf16``/``fp16``).
         strict: an unreadable image is fatal (checked before evaluating) instead of skipped.
         on_batch: called with (images done, total) after each batch, for progress bars.
     """
     from vitcli.data import eval_transform
     from vitcli.datasets import drop_unreadable
-    from vitcli.predict import decoded_batches
+    from vitcli.predict import scored_batches
 
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     torch_device = resolve_device(device)
-    precision_ctx = autocast(torch_device, precision)  # validates precision for the device
+    autocast(torch_device, precision)  # validates the precision for the device
     folder, samples = eval_samples(data_dir, loaded.labels, split)
     if strict:
         samples, _ = drop_unreadable(samples, strict=True)
@@ -190,8 +190,17 @@ def evaluate_model(
     num_classes = loaded.num_classes
     k = min(5, num_classes)
     model = loaded.model.to(torch_device).eval()
-    loader = decoded_batches(_TolerantImages(samples, eval_transform(loaded.data_config)), batch_size, _collate,
-                             torch_device, workers)
+
+    def logits_of(batch):  # (images, targets, errors) -> (fp32 logits on the CPU or None, targets, errors)
+        images, targets, errors = batch
+        if images is None:
+            return None, targets, errors
+        with torch.inference_mode(), autocast(torch_device, precision):  # per call: stream threads run this
+            logits = model(images.to(torch_device, non_blocking=True))  # (B, num_classes)
+        return logits.float().cpu(), targets, errors
+
+    scored = scored_batches(_TolerantImages(samples, eval_transform(loaded.data_config)), batch_size, _collate,
+                            logits_of, torch_device, workers)
     all_targets: list[torch.Tensor] = []
     all_preds: list[torch.Tensor] = []
     correct1 = correct_k = 0
@@ -199,13 +208,10 @@ def evaluate_model(
     skipped: list[tuple[str, str]] = []
     done = 0
     with torch.inference_mode():
-        for images, targets, errors in loader:
+        for logits, targets, errors in scored:
             skipped += [(samples[done + i][0], reason) for i, reason in enumerate(errors) if reason is not None]
             done += len(errors)
-            if images is not None:
-                with precision_ctx:
-                    logits = model(images.to(torch_device, non_blocking=True))  # (B, num_classes)
-                logits = logits.float().cpu()
+            if logits is not None:
                 loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
                 top = logits.topk(k, dim=1).indices  # (B, k)
                 hits = top == targets[:, None]  # (B, k)

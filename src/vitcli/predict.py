@@ -99,37 +99,19 @@ def decoded_batches(dataset: torch.utils.data.Dataset, batch_size: int, collate:
                     device: torch.device, workers: int | None = None) -> Iterable[Any]:
     """``collate(items)`` for each run of ``batch_size`` dataset items, in order.
 
-    On a CPU device the forward pass already keeps every core busy, so decoding beside it only
-    steals cycles from it (DataLoader workers overlapped with the forward measured 0.68 of the
-    forward-only speed in bf16 on 2 cores, against 0.82 for taking turns; README, "Speed"). There,
-    ``workers`` threads (default: torch's thread count) decode one batch together, then the forward
-    pass runs on all the cores; Pillow, libjpeg and torch release the GIL while they work, and no
-    image is pickled between processes. On an accelerator the CPU is free while the device computes,
-    so ``workers`` DataLoader processes (default ``default_workers()``) decode ahead of it.
-    ``workers=0`` decodes in the calling thread.
+    For an accelerator, ``workers`` DataLoader processes (default ``default_workers()``, 0: none)
+    decode ahead while the device computes. For the CPU, the calling thread decodes (the CPU's
+    parallel scheme is ``scored_batches``' streams).
     """
-    if device.type != "cpu":
-        workers = min(default_workers() if workers is None else workers, len(dataset))
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-            pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
-        )
-    return _batches_in_turns(dataset, batch_size, collate, torch.get_num_threads() if workers is None else workers)
-
-
-def _batches_in_turns(dataset: torch.utils.data.Dataset, batch_size: int, collate: Callable[[list], Any],
-                      threads: int) -> Iterator[Any]:
-    n = len(dataset)
-    threads = min(threads, batch_size, n)
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="vitcli-decode") if threads > 0 else None
-    get = dataset.__getitem__
-    try:
-        for start in range(0, n, batch_size):
-            indices = range(start, min(start + batch_size, n))
-            yield collate(list(pool.map(get, indices) if pool is not None else map(get, indices)))
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+    if device.type == "cpu":
+        n = len(dataset)
+        return (collate([dataset[i] for i in range(first, min(first + batch_size, n))])
+                for first in range(0, n, batch_size))
+    workers = min(default_workers() if workers is None else workers, len(dataset))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
+    )
 
 
 def predict(loaded: LoadedModel, sources: Sequence[str], options: PredictOptions = PredictOptions(),
@@ -191,17 +173,16 @@ def scored_batches(dataset: torch.utils.data.Dataset, batch_size: int, collate: 
     On the CPU, with more than one thread, the work runs in per-core streams: ``workers`` threads
     (default: torch's thread count) each decode a whole batch and run the model on it with an equal
     share of torch's threads (one each on a 2-core machine). No core waits for another, and the
-    decoding of one stream fills the time the other spends in the model. On 2 cores this measured
-    faster than one 2-thread forward pass on pre-decoded tensors at batch 16, and 0.88 (fp32) / 0.71
-    (bf16) of it at batch 32, against 0.78 / 0.65 for decoding and forward passes taking turns
-    (README, "Speed"). While it runs, torch's thread count is the per-stream share; it is restored
-    after. Elsewhere (``workers=0``, one thread, or an accelerator) batches come from
-    ``decoded_batches`` and are scored in the calling thread.
+    decoding of one stream fills the time the other spends in the model. DataLoader workers decoding
+    beside a 2-thread forward pass, or all cores decoding a batch and then running the model in
+    turns, measured slower on 2 cores (README, "Speed"). While the streams run, torch's thread count
+    is the per-stream share; it is restored after. Elsewhere (``workers=0``, one thread, or an
+    accelerator) batches come from ``decoded_batches`` and are scored in the calling thread.
     """
     threads = torch.get_num_threads()
     streams = min(threads if workers is None else workers, -(-len(dataset) // batch_size))
     if device.type != "cpu" or streams < 2:
-        for batch in decoded_batches(dataset, batch_size, collate, device, 0 if device.type == "cpu" else workers):
+        for batch in decoded_batches(dataset, batch_size, collate, device, workers):
             yield score(batch)
         return
     n = len(dataset)
