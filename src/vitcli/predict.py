@@ -1,6 +1,6 @@
 """Batched prediction: image sources -> Prediction records. Never prints.
 
-Decoding, resizing and cropping produce 8-bit images; the main process normalizes each batch in one
+Decoding, resizing and cropping produce 8-bit images, and each batch is normalized in one
 vectorized step (``vitcli.data.EvalPipeline``). Where the decoding runs depends on the device: on
 a GPU, in DataLoader worker processes overlapped with the forward pass (``decoded_batches``); on the
 CPU, where both need the same cores, in per-core streams that each decode a batch and run the model

@@ -44,8 +44,8 @@ PrecisionOpt = Annotated[Precision, typer.Option(
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 WorkersOpt = Annotated[int | None, typer.Option(
     "--workers", "-j", min=0,
-    help="Image decoders. predict on CPU: streams that each decode a batch and run the model on their share of "
-         "the cores (default: torch's thread count); evaluate on CPU: threads that take turns with the model; "
-         "on a GPU: DataLoader processes that decode ahead (default: CPU cores, at most 4). 0: decode inline.",
+    help="On CPU: streams that each decode a batch and run the model on their share of the cores "
+         "(default: torch's thread count). On a GPU: DataLoader processes that decode ahead of it "
+         "(default: CPU cores, at most 4). 0: decode inline.",
 )]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")]
