@@ -171,6 +171,14 @@ def test_cpu_streams_score_whole_batches_in_order_on_their_share_of_threads(tmp_
     assert torch.get_num_threads() == threads  # restored
 
 
+def test_cpu_streams_share_a_small_job_equally(tmp_path):
+    dataset = [torch.full((1,), i) for i in range(7)]  # 7 items, batches of up to 6, 2 streams
+
+    scored = list(scored_batches(dataset, 6, torch.stack, lambda x: x.flatten().tolist(), torch.device("cpu"), 2))
+
+    assert scored == [[0, 1, 2, 3], [4, 5, 6]]  # not [0..5] on one core and [6] on the other
+
+
 def test_abandoning_predict_midway_restores_torch_threads(tiny, tmp_path):
     sources = [str(make_image(tmp_path / f"a{i}.png", size=(40, 40), seed=i)) for i in range(8)]
     threads = torch.get_num_threads()

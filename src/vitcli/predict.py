@@ -172,12 +172,14 @@ def scored_batches(dataset: torch.utils.data.Dataset, batch_size: int, collate: 
 
     On the CPU, with more than one thread, the work runs in per-core streams: ``workers`` threads
     (default: torch's thread count) each decode a whole batch and run the model on it with an equal
-    share of torch's threads (one each on a 2-core machine). No core waits for another, and the
-    decoding of one stream fills the time the other spends in the model. DataLoader workers decoding
-    beside a 2-thread forward pass, or all cores decoding a batch and then running the model in
-    turns, measured slower on 2 cores (README, "Speed"). While the streams run, torch's thread count
-    is the per-stream share; it is restored after. Elsewhere (``workers=0``, one thread, or an
-    accelerator) batches come from ``decoded_batches`` and are scored in the calling thread.
+    share of torch's threads (one each on a 2-core machine). ``batch_size`` is then the most images
+    per batch: a job too small to give every stream full batches is cut into equal ones. No core
+    waits for another, and the decoding of one stream fills the time the other spends in the model.
+    DataLoader workers decoding beside a 2-thread forward pass, or all cores decoding a batch and
+    then running the model in turns, measured slower on 2 cores (README, "Speed"). While the streams
+    run, torch's thread count is the per-stream share; it is restored after. Elsewhere
+    (``workers=0``, one thread, or an accelerator) batches come from ``decoded_batches`` and are
+    scored in the calling thread.
     """
     threads = torch.get_num_threads()
     streams = min(threads if workers is None else workers, -(-len(dataset) // batch_size))
@@ -186,6 +188,7 @@ def scored_batches(dataset: torch.utils.data.Dataset, batch_size: int, collate: 
             yield score(batch)
         return
     n = len(dataset)
+    batch_size = min(batch_size, -(-n // streams))  # a job of under streams x batch_size: equal shares
 
     def job(first: int) -> Any:
         return score(collate([dataset[i] for i in range(first, min(first + batch_size, n))]))
