@@ -11,6 +11,7 @@ Image rules (documented in the README):
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import sys
@@ -41,6 +42,7 @@ class InputProblem:
 
     source: str
     reason: str
+    before: int = 0  # how many image sources the inputs before it expanded to: its place among them
 
 
 def is_url(source: str) -> bool:
@@ -79,7 +81,7 @@ def expand_inputs(inputs: Iterable[str]) -> tuple[list[str], list[InputProblem]]
             found = sorted(str(p) for p in path.rglob("*") if p.is_file() and is_image_path(p))
             if not found:
                 problems.append(InputProblem(raw, "folder has no images "
-                                             f"({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}, ...)"))
+                                             f"({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}, ...)", len(sources)))
             sources.extend(found)
         elif path.exists():
             sources.append(str(path))
@@ -87,10 +89,10 @@ def expand_inputs(inputs: Iterable[str]) -> tuple[list[str], list[InputProblem]]
             found = sorted(p for p in glob.glob(str(path), recursive=True)
                            if Path(p).is_file() and is_image_path(Path(p)))
             if not found:
-                problems.append(InputProblem(raw, "no image matches this pattern"))
+                problems.append(InputProblem(raw, "no image matches this pattern", len(sources)))
             sources.extend(found)
         else:
-            problems.append(InputProblem(raw, "no such file or directory"))
+            problems.append(InputProblem(raw, "no such file or directory", len(sources)))
     return sources, problems
 
 
@@ -179,7 +181,12 @@ def _draft_shrinks(size: tuple[int, int], draft_size: tuple[int, int] | None) ->
     return draft_size is not None and min(size[0] // draft_size[0], size[1] // draft_size[1]) >= 2
 
 
-_quiet_decode_jpeg: list[bool] = []
+@functools.cache
+def _quiet_decode_jpeg() -> None:
+    """Silence torchvision's decode_jpeg deprecation once per process (a global filter, not a
+    ``catch_warnings`` block: images load in several threads at once)."""
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
 
 
 def _decode_jpeg_tensor(fp: Any) -> Any:
@@ -191,10 +198,7 @@ def _decode_jpeg_tensor(fp: Any) -> Any:
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:
         return None
-    if not _quiet_decode_jpeg:  # once per process; a global filter, since images load in threads
-        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                                category=DeprecationWarning)
-        _quiet_decode_jpeg.append(True)
+    _quiet_decode_jpeg()
     try:
         data = torch.from_numpy(np.fromfile(fp, dtype=np.uint8) if isinstance(fp, Path)
                                 else np.frombuffer(fp.getvalue(), dtype=np.uint8).copy())

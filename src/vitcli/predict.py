@@ -181,13 +181,12 @@ def scored_batches(dataset: torch.utils.data.Dataset, batch_size: int, collate: 
     (``workers=0``, one thread, or an accelerator) batches come from ``decoded_batches`` and are
     scored in the calling thread.
     """
-    threads = torch.get_num_threads()
-    streams = min(threads if workers is None else workers, -(-len(dataset) // batch_size))
+    n, threads = len(dataset), torch.get_num_threads()
+    streams = min(threads if workers is None else workers, -(-n // batch_size))
     if device.type != "cpu" or streams < 2:
         for batch in decoded_batches(dataset, batch_size, collate, device, workers):
             yield score(batch)
         return
-    n = len(dataset)
     batch_size = min(batch_size, -(-n // streams))  # a job of under streams x batch_size: equal shares
 
     def job(first: int) -> Any:

@@ -56,14 +56,14 @@ def predict(
     still predicted).
     """
     with handled_errors():
-        from vitcli.data import read_path_list
+        from vitcli.data import expand_inputs, read_path_list
 
         raw = list(inputs or [])
         if files_from is not None:
             raw += read_path_list(files_from)
         if not raw:
             raise fail("no images given; pass files, folders, globs or URLs, or --files-from FILE", 2)
-        sources, problems = _expand_in_order(raw)
+        sources, problems = expand_inputs(raw)
         # the model loads even when no input exists, so a bad --model is reported as such (exit 2)
         results = _run(sources, model, weights, top_k, batch_size, workers, device, precision, tta,
                        not exact_decode)
@@ -73,32 +73,16 @@ def predict(
             raise typer.Exit(1)
 
 
-def _expand_in_order(raw: list[str]):
-    """Image sources, and each input problem with the number of sources that come before it."""
-    from vitcli.data import expand_inputs
-
-    sources, problems = [], []
-    for argument in raw:  # one at a time, to know where each problem belongs among the images
-        found, bad = expand_inputs([argument])
-        problems += [(len(sources), problem) for problem in bad]
-        sources += found
-    return sources, problems
-
-
 def _in_input_order(results, problems):
     """Predictions with each input problem as a failed Prediction, in the order of the inputs."""
     from vitcli.predict import Prediction
 
-    before: dict[int, list] = {}  # source index -> the problems just before it
-    for position, problem in problems:
-        before.setdefault(position, []).append(Prediction(problem.source, error=problem.reason))
-    records = []
-    for i, result in enumerate(results):
-        records += before.pop(i, [])
-        records.append(result)
-    for rest in before.values():  # after the last image (positions only grow, so still in order)
-        records += rest
-    return records
+    records, done = [], 0
+    for problem in problems:  # in input order, so ``before`` only grows
+        records += results[done:problem.before]
+        records.append(Prediction(problem.source, error=problem.reason))
+        done = problem.before
+    return records + results[done:]
 
 
 def _run(sources, model, weights, top_k, batch_size, workers, device, precision, tta, fast_decode):
