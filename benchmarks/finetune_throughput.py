@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
-from vitcli.models import autocast, resolve_device
+from vitcli.devices import autocast, resolve_device
 from vitcli.train import Dist, FinetuneConfig, build_parts, train_one_epoch
 
 MODEL = "deit_tiny_patch16_224"

@@ -42,16 +42,11 @@ from pathlib import Path
 
 import torch
 
+from vitcli.batching import ImageSourceDataset, collate_images, default_workers, scored_batches
 from vitcli.data import draft_size_for, eval_pipeline, eval_transform, expand_inputs, load_image
-from vitcli.models import autocast, cpu_supports_bf16, load_model
-from vitcli.predict import (
-    ImageSourceDataset,
-    PredictOptions,
-    _collate,
-    default_workers,
-    predict,
-    scored_batches,
-)
+from vitcli.devices import autocast, cpu_supports_bf16
+from vitcli.models import load_model
+from vitcli.predict import PredictOptions, predict
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -84,7 +79,8 @@ def decoded_in_turns(dataset, batch_size: int):
     """Batches decoded by one thread per torch thread, all on one batch at a time (then the model runs)."""
     with ThreadPoolExecutor(torch.get_num_threads()) as pool:
         for first in range(0, len(dataset), batch_size):
-            yield _collate(list(pool.map(dataset.__getitem__, range(first, min(first + batch_size, len(dataset))))))
+            items = range(first, min(first + batch_size, len(dataset)))
+            yield collate_images(list(pool.map(dataset.__getitem__, items)))
 
 
 def time_phases(loaded, dataset, pipeline, batch_size: int, precision: str) -> tuple[float, float]:
@@ -176,7 +172,7 @@ def main() -> None:
 
         def overlapped(ctx=ctx) -> None:
             loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
-                                                 collate_fn=_collate, prefetch_factor=4)
+                                                 collate_fn=collate_images, prefetch_factor=4)
             with torch.inference_mode():
                 for images, _ in loader:
                     with ctx:

@@ -22,18 +22,8 @@ from vitcli.errors import (
     UsageError,
     WeightsMismatchError,
 )
-from vitcli.models import (
-    autocast,
-    check_arch,
-    hub_reachable,
-    list_store,
-    load_model,
-    load_weights,
-    read_state_dict,
-    resolve_device,
-    save_model_folder,
-    store_dir,
-)
+from vitcli.models import check_arch, hub_reachable, list_store, load_model, save_model_folder, store_dir
+from vitcli.weightfiles import load_weights, read_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -495,28 +485,3 @@ def test_vit_patch_sizes_and_hybrids(name, kwargs, patch):
     assert size == (3, kwargs.get("img_size", size[1]), kwargs.get("img_size", size[1]))
     out = logits(loaded.model, torch.randn(2, *size))
     assert tuple(out.shape) == (2, 3)
-
-
-# --------------------------------------------------------------------------------- device, dtype
-
-
-def test_resolve_device():
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
-    if not torch.cuda.is_available():
-        with pytest.raises(UsageError, match="no CUDA device"):
-            resolve_device("cuda")
-    with pytest.raises(UsageError, match="unknown --device"):
-        resolve_device("tpu")
-
-
-def test_autocast_precisions_on_cpu():
-    cpu = torch.device("cpu")
-    with autocast(cpu, "fp32"):
-        assert not torch.is_autocast_enabled("cpu")
-    with autocast(cpu, "bf16"):
-        assert torch.is_autocast_enabled("cpu")
-    with pytest.raises(UsageError, match="fp16 needs a GPU"):
-        autocast(cpu, "fp16")
-    with pytest.raises(UsageError, match="unknown --precision"):
-        autocast(cpu, "fp8")

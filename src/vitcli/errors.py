@@ -53,3 +53,9 @@ class DatasetError(VitcliError):
 
 class MissingExtraError(VitcliError):
     """An optional dependency that is not installed."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (or its type's name): library errors can run to pages."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

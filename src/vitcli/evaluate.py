@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from vitcli.datasets import LabeledImages, Sample, find_eval_dir, map_classes, scan_class_folders
+from vitcli.devices import autocast, resolve_device
 from vitcli.errors import DatasetError, ImageLoadError, UsageError
-from vitcli.models import LoadedModel, autocast, is_model_folder, resolve_device
+from vitcli.models import LoadedModel, is_model_folder
 
 RUN_MODEL_NAMES = ("best", "last")  # model folders inside a `vitcli finetune` run, in order of preference
 
@@ -175,9 +176,9 @@ def evaluate_model(
         strict: an unreadable image is fatal (checked before evaluating) instead of skipped.
         on_batch: called with (images done, total) after each batch, for progress bars.
     """
+    from vitcli.batching import scored_batches
     from vitcli.data import eval_transform
     from vitcli.datasets import drop_unreadable
-    from vitcli.predict import scored_batches
 
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")

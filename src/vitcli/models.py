@@ -11,15 +11,11 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import difflib
 import os
-import pickle
-import re
 import shutil
 import socket
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,23 +24,15 @@ from typing import Any
 from urllib.parse import urlparse
 
 import timm
-import torch
 from torch import nn
 
-from vitcli.errors import (
-    HubUnreachableError,
-    ModelLoadError,
-    UnknownModelError,
-    UnsafeCheckpointError,
-    UsageError,
-    WeightsMismatchError,
-)
+from vitcli.errors import HubUnreachableError, ModelLoadError, UnknownModelError, UsageError, first_line
+from vitcli.weightfiles import WEIGHT_SUFFIXES, load_weights
 
 # ViT-S/16 pretrained on ImageNet-21k and fine-tuned on ImageNet-1k (the paper's "pretrain large,
 # fine-tune" recipe, AugReg weights): 81.4% top-1 at 22M parameters, fast enough on a laptop CPU.
 DEFAULT_MODEL = "vit_small_patch16_224.augreg_in21k_ft_in1k"
 STORE_ENV = "VITCLI_WEIGHTS"
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
@@ -225,7 +213,7 @@ def _create(name: str, **kwargs: Any) -> nn.Module:
         return timm.create_model(name, **kwargs)
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise ModelLoadError(f"could not load model '{name.removeprefix('local-dir:')}': "
-                             f"{_first_line(e)}") from e
+                             f"{first_line(e)}") from e
 
 
 def _create_from_hub(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
@@ -244,7 +232,7 @@ def _create_from_hub(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.
                 f"use --weights FILE, a local model folder, or run `vitcli weights pull {name}` "
                 f"where there is internet and copy the folder into {store_dir()}/"
             ) from e
-        raise ModelLoadError(f"could not load pretrained weights for '{name}': {_first_line(e)}") from e
+        raise ModelLoadError(f"could not load pretrained weights for '{name}': {first_line(e)}") from e
 
 
 def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
@@ -286,160 +274,6 @@ def _chain(e: BaseException | None) -> Iterator[BaseException]:
         e = e.__cause__ or e.__context__
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-# ---------------------------------------------------------------------------------- weight files
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file or a .pth/.pt/.bin state dict (never unpickling code)."""
-    if not path.is_file():
-        raise UsageError(f"weights file '{path}' does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        import safetensors.torch
-
-        try:
-            return safetensors.torch.load_file(str(path), device="cpu")
-        except Exception as e:
-            raise ModelLoadError(f"'{path}' is not a readable .safetensors file ({_first_line(e)})") from e
-    if suffix not in (".pth", ".pt", ".bin", ".ckpt"):
-        raise UsageError(f"unsupported weights file '{path.name}'; use .safetensors, .pth/.pt/.bin or .npz")
-    try:
-        # timm's own training checkpoints carry an argparse.Namespace of their arguments
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # garbage bytes raise anything: UnpicklingError, RuntimeError, EOFError, KeyError, ...
-        if isinstance(e, pickle.UnpicklingError) and (name := _refused_global(e)):
-            raise UnsafeCheckpointError(
-                f"refused to load '{path}': it needs arbitrary Python objects to unpickle ({name}), which "
-                "could run code; vitcli loads plain tensors only (weights_only=True): save a state_dict "
-                "or .safetensors"
-            ) from e
-        reason = "the file is empty (0 bytes)" if path.stat().st_size == 0 else (
-            f"the file is corrupt or truncated ({_unpickle_reason(e)})")
-        raise ModelLoadError(f"'{path}' is not a readable PyTorch checkpoint; {reason}; "
-                             "download or save it again") from e
-    return unwrap_state_dict(checkpoint, path)
-
-
-def _unpickle_reason(e: BaseException) -> str:
-    """The first sentence of torch.load's own reason (its UnpicklingError wraps it in advice for pickles)."""
-    if isinstance(e, pickle.UnpicklingError) and e.__context__ is not None:
-        e = e.__context__  # torch re-raises the weights-only unpickler's error `from None`
-    text = str(e).strip()
-    if not text or isinstance(e, KeyError):  # EOFError(), KeyError('101') say nothing readable
-        return type(e).__name__
-    return text.splitlines()[0].split(". ")[0].rstrip(".")
-
-
-def _refused_global(e: pickle.UnpicklingError) -> str | None:
-    """The Python object a weights-only load refused to import, or None when the bytes are just corrupt.
-
-    torch raises UnpicklingError for both: "Unsupported global: GLOBAL os.system ..." or "unsupported
-    GLOBAL posix.system whose module posix is blocked" for a pickle that imports code, "Unsupported
-    operand 73" and the like for bytes that are no pickle at all.
-    """
-    match = re.search(r"GLOBAL (\S*) (?:was not an allowed global|whose module \S+ is blocked)", str(e))
-    if match is None:
-        return None
-    # a file cut inside a GLOBAL opcode reads an empty name ("torch._utils."): truncated, not malicious
-    name = match.group(1)
-    return name if name and not name.endswith(".") else None
-
-
-def unwrap_state_dict(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint (``model``/``state_dict`` wrappers, DDP prefixes removed)."""
-    if isinstance(checkpoint, dict):
-        for key in ("state_dict", "model", "model_state_dict", "module"):
-            if isinstance(checkpoint.get(key), dict):
-                checkpoint = checkpoint[key]
-                break
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ModelLoadError(f"'{path}' holds no state dict of tensors (keys: {list(checkpoint)[:5]})")
-    return timm.models.clean_state_dict(checkpoint)
-
-
-def load_weights(model: nn.Module, path: Path, *, new_head: bool = False) -> None:
-    """Load a weights file into ``model`` strictly, naming the first mismatches if it doesn't fit.
-
-    The architecture's own ``checkpoint_filter_fn`` adapts original releases (DeiT, JAX-converted
-    keys) and resamples position embeddings to the model's resolution. With ``new_head`` a
-    classifier of another size is left freshly initialised (fine-tuning to new classes); a headless
-    model (``num_classes=0``) ignores the file's classifier.
-    """
-    path = Path(path)
-    if path.suffix.lower() == ".npz":
-        _load_npz(model, path)
-        return
-    state_dict = read_state_dict(path)
-    filter_fn = _checkpoint_filter_fn(model)
-    if filter_fn is not None:
-        with contextlib.suppress(Exception):  # a filter that can't handle these keys: check them as they are
-            state_dict = filter_fn(state_dict, model)
-    expected = model.state_dict()
-    head = _classifier_prefixes(model)
-    if new_head:
-        state_dict = {k: v for k, v in state_dict.items()
-                      if not (k.startswith(head) and k in expected and v.shape != expected[k].shape)}
-    if getattr(model, "num_classes", None) == 0:
-        # a headless model (num_classes=0, features only) has nowhere to put the file's classifier,
-        # so it is dropped, as timm's load_pretrained does
-        state_dict = {k: v for k, v in state_dict.items() if not (k.startswith(head) and k not in expected)}
-    problems = weight_mismatches(state_dict, expected, allow_missing=head if new_head else ())
-    if problems:
-        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        arch = model.pretrained_cfg.get("architecture", type(model).__name__)
-        raise WeightsMismatchError(f"'{path}' does not fit {arch}: {'; '.join(problems[:3])}{more}; "
-                                   "check that --model names the architecture these weights were trained for")
-    model.load_state_dict(state_dict, strict=not new_head)
-
-
-def weight_mismatches(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                      allow_missing: tuple[str, ...] = ()) -> list[str]:
-    """Human-readable differences between a state dict and a model's, in the model's key order."""
-    problems = []
-    for key, ref in expected.items():
-        if key not in state_dict:
-            if not (allow_missing and key.startswith(allow_missing)):
-                problems.append(f"missing {key} {tuple(ref.shape)}")
-        elif state_dict[key].shape != ref.shape:
-            problems.append(f"{key} has shape {tuple(state_dict[key].shape)}, model expects {tuple(ref.shape)}")
-    problems += [f"unexpected {key} {tuple(state_dict[key].shape)}" for key in state_dict if key not in expected]
-    return problems
-
-
-def _load_npz(model: nn.Module, path: Path) -> None:
-    """The original ViT release's JAX/Flax .npz files, through timm's own converter."""
-    if not path.is_file():
-        raise UsageError(f"weights file '{path}' does not exist")
-    if not hasattr(model, "load_pretrained"):
-        raise UsageError(f"'{path.name}' is a JAX .npz checkpoint, which timm reads for ViT models only; "
-                         "convert it to .safetensors or use a vit_* --model")
-    try:
-        model.load_pretrained(str(path))
-    except Exception as e:  # KeyError for a missing array, RuntimeError for a shape, ValueError for no npz
-        raise WeightsMismatchError(f"'{path}' does not fit {model.pretrained_cfg.get('architecture')}: "
-                                   f"{_first_line(e)}; check that --model names the right ViT") from e
-
-
-def _checkpoint_filter_fn(model: nn.Module) -> Any:
-    arch = model.pretrained_cfg.get("architecture")
-    if not arch or not timm.is_model(arch):
-        return None
-    module = sys.modules.get(timm.models.model_entrypoint(arch).__module__)
-    return getattr(module, "checkpoint_filter_fn", None)
-
-
-def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    classifier = model.pretrained_cfg.get("classifier") or "head"
-    names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
-    return tuple(f"{n}." for n in names)
-
-
 # --------------------------------------------------------------------------------------- labels
 
 
@@ -454,48 +288,6 @@ def model_labels(model: nn.Module) -> list[str]:
         info = timm.data.ImageNetInfo(subset)
         return [info.index_to_description(i).split(",")[0] for i in range(num_classes)]
     return [f"class_{i}" for i in range(num_classes)]
-
-
-# --------------------------------------------------------------------------------- device, dtype
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("--device mps was asked for but MPS is not available; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise UsageError(f"unknown --device '{device}'; use auto, cpu, cuda, cuda:N or mps") from e
-
-
-def cpu_supports_bf16() -> bool:
-    """Native bf16 matrix units (AVX512-BF16 or AMX) make CPU autocast worthwhile."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    flags = ""
-    with contextlib.suppress(OSError):
-        flags = Path("/proc/cpuinfo").read_text()
-    return "avx512_bf16" in flags or "amx_bf16" in flags or capability == "AVX512_BF16"
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context for ``--precision`` (fp32: none)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        raise UsageError(f"unknown --precision '{precision}'; use fp32, bf16 or fp16")
-    if device.type == "cpu" and dtype is torch.float16:
-        raise UsageError("--precision fp16 needs a GPU; on the CPU use bf16 (or fp32)")
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------- saving

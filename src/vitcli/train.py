@@ -47,9 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitcli.batching import default_workers
 from vitcli.datasets import FolderData, LabeledImages, discover, drop_unreadable
+from vitcli.devices import autocast, resolve_device, resolve_precision
 from vitcli.errors import DatasetError, UsageError, VitcliError
-from vitcli.models import DEFAULT_MODEL, LoadedModel, autocast, cpu_supports_bf16, load_model, resolve_device
+from vitcli.models import DEFAULT_MODEL, LoadedModel, load_model
 
 STATE_FILE = "state.pt"
 STATE_VERSION = 1
@@ -240,19 +242,6 @@ def check_config(config: FinetuneConfig) -> None:
                                                              "; see timm.optim.list_optimizers()"))
     if config.sched not in SCHEDULES:
         raise UsageError(f"unknown --sched '{config.sched}'; use {', '.join(SCHEDULES)}")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on CPUs with native bf16 and on CUDA devices that have it, else fp16 on CUDA, else fp32."""
-    if precision != "auto":
-        if precision == "fp16" and device.type != "cuda":
-            raise UsageError("--precision fp16 needs a CUDA device; use bf16 (or fp32) here")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and cpu_supports_bf16():
-        return "bf16"
-    return "fp32"
 
 
 # --------------------------------------------------------------------------------- distributed
@@ -881,10 +870,6 @@ def _data_warnings(data: FolderData, config: FinetuneConfig) -> list[str]:
     return warnings
 
 
-def _default_workers(dist: Dist) -> int:
-    return min(4, max((os.cpu_count() or 1) // dist.world, 1))
-
-
 def _loaders(config: FinetuneConfig, data: FolderData, data_config: dict[str, Any], device: torch.device,
              dist: Dist) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader, EpochSampler]:
     from vitcli.data import eval_transform, train_transform
@@ -896,7 +881,7 @@ def _loaders(config: FinetuneConfig, data: FolderData, data_config: dict[str, An
         counts = data.counts("train")
         weights = torch.tensor([1.0 / counts[t] for _, t in data.train], dtype=torch.float64)
     sampler = EpochSampler(len(data.train), shuffle=True, weights=weights, seed=config.seed, dist=dist)
-    workers = config.workers if config.workers is not None else _default_workers(dist)
+    workers = config.workers if config.workers is not None else default_workers(dist.world)
     # full batches only (BatchNorm needs more than one sample), unless the data is smaller than a batch
     drop_last = sampler.share() >= config.batch_size
     # forked workers inherit the stop-on-signal handler, so Ctrl-C doesn't kill them mid-epoch
