@@ -21,7 +21,6 @@ from vitcli.evaluate import (
     confusion_matrix,
     evaluate_model,
     per_class_metrics,
-    resolve_run_model,
 )
 from vitcli.models import LoadedModel, load_model
 
@@ -228,14 +227,6 @@ def test_bad_batch_size_and_precision_are_usage_errors(tmp_path):
         evaluate_model(channel_model(), tmp_path, batch_size=0)
     with pytest.raises(UsageError, match="fp16 needs a GPU"):
         evaluate_model(channel_model(), tmp_path, device="cpu", precision="fp16")
-
-
-def test_run_folder_resolves_to_its_best_model(tmp_path, tiny_model_dir):
-    run = tmp_path / "runs" / "finetune" / "exp"
-    shutil.copytree(tiny_model_dir, run / "best")
-    assert resolve_run_model(str(run)) == str(run / "best")
-    assert resolve_run_model(str(run / "best")) == str(run / "best")
-    assert resolve_run_model("deit_tiny_patch16_224") == "deit_tiny_patch16_224"
 
 
 # ---------------------------------------------------------------------------------------- CLI

@@ -482,6 +482,115 @@ def test_vit_patch_sizes_and_hybrids(name, kwargs, patch):
 
     size = loaded.data_config["input_size"]
     assert loaded.model.patch_embed.patch_size == (patch, patch)
-    assert size == (3, kwargs.get("img_size", size[1]), kwargs.get("img_size", size[1]))
+    side = kwargs.get("img_size", 160)  # test_vit is built for 160x160, the hybrid for 224x224
+    assert size == (3, side, side) if name == "test_vit" else size == (3, 224, 224)
     out = logits(loaded.model, torch.randn(2, *size))
     assert tuple(out.shape) == (2, 3)
+
+
+# ---------------------------------------------------------------------- hub ids and run folders
+
+
+@pytest.mark.parametrize("name", ["hf-hub:timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+                                  "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"])
+def test_hub_ids_reach_the_hub_not_the_folder_check(unreachable_hub, name):
+    with pytest.raises(HubUnreachableError) as info:
+        load_model(name)
+
+    message = str(info.value)
+    assert "'hf-hub:timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k'" in message
+    assert "does not exist" not in message and "\n" not in message
+    if not name.startswith("hf-hub:"):  # a plain org/name might have been meant as a folder: say it is not one
+        assert "no local folder 'timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k'" in message
+
+
+def test_an_org_slash_name_that_exists_locally_is_a_folder(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "org" / "tiny")
+    monkeypatch.chdir(tmp_path)
+
+    loaded = load_model("org/tiny")
+
+    assert loaded.source == "local-dir" and loaded.labels == TINY_LABELS
+
+
+@pytest.mark.parametrize("present", [("best", "last"), ("last",)])
+def test_a_finetune_run_folder_stands_for_its_best_then_last_model(tiny_model_dir, tmp_path, present):
+    import shutil
+
+    run = tmp_path / "runs" / "finetune" / "exp"
+    for sub in present:
+        shutil.copytree(tiny_model_dir, run / sub)
+
+    loaded = load_model(str(run))
+
+    assert loaded.folder == run / present[0] and loaded.labels == TINY_LABELS
+
+
+# ----------------------------------------------------------------------------------- hub probe
+
+
+@pytest.fixture
+def proxy_env(monkeypatch):
+    """No proxy variables from the machine running the tests."""
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+                "all_proxy", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def local_proxy():
+    """An HTTP proxy on 127.0.0.1 that answers every request itself and records what it was asked."""
+    import http.server
+    import threading
+
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # noqa: N802 (http.server's naming)
+            seen.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_hub_probe_goes_through_the_users_proxy_and_honours_no_proxy(proxy_env, local_proxy):
+    from huggingface_hub import constants
+
+    proxy, seen = local_proxy
+    proxy_env.setattr(constants, "HF_HUB_OFFLINE", False)
+    proxy_env.setattr(constants, "ENDPOINT", "http://hub.invalid")  # .invalid never resolves (RFC 2606)
+    assert hub_reachable(timeout=2.0) is False  # no proxy: the name does not resolve
+
+    proxy_env.setenv("HTTP_PROXY", proxy)
+    assert hub_reachable(timeout=2.0) is True
+    assert seen == ["http://hub.invalid"]  # the proxy was asked for the hub, by absolute URL
+
+    proxy_env.setenv("NO_PROXY", "hub.invalid")
+    assert hub_reachable(timeout=2.0) is False
+    assert len(seen) == 1
+
+
+def test_hub_probe_keeps_its_deadline_when_the_dns_lookup_hangs(proxy_env):
+    import socket
+
+    from huggingface_hub import constants
+
+    proxy_env.setattr(constants, "HF_HUB_OFFLINE", False)
+    proxy_env.setattr(constants, "ENDPOINT", "https://hub.example")
+    proxy_env.setattr(socket, "getaddrinfo", lambda *a, **k: time.sleep(5) or [])
+
+    start = time.monotonic()
+    assert hub_reachable(timeout=0.5) is False
+    assert time.monotonic() - start < 1.5

@@ -19,9 +19,7 @@ import torch
 from vitcli.datasets import LabeledImages, Sample, find_eval_dir, map_classes, scan_class_folders
 from vitcli.devices import autocast, resolve_device
 from vitcli.errors import DatasetError, ImageLoadError, UsageError
-from vitcli.models import LoadedModel, is_model_folder
-
-RUN_MODEL_NAMES = ("best", "last")  # model folders inside a `vitcli finetune` run, in order of preference
+from vitcli.models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -99,16 +97,6 @@ def per_class_metrics(matrix: torch.Tensor | Sequence[Sequence[int]], labels: Se
 
 
 # ------------------------------------------------------------------------------------ folders
-
-
-def resolve_run_model(name: str) -> str:
-    """``--model`` given as a `vitcli finetune` run folder -> its ``best/`` (else ``last/``) model folder."""
-    path = Path(name.removeprefix("local-dir:")).expanduser()
-    if path.is_dir() and not is_model_folder(path):
-        for sub in RUN_MODEL_NAMES:
-            if is_model_folder(path / sub):
-                return str(path / sub)
-    return name
 
 
 def eval_samples(data_dir: str | Path, labels: Sequence[str],

@@ -14,14 +14,14 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import re
 import shutil
-import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import timm
 from torch import nn
@@ -34,6 +34,8 @@ from vitcli.weightfiles import WEIGHT_SUFFIXES, load_weights
 DEFAULT_MODEL = "vit_small_patch16_224.augreg_in21k_ft_in1k"
 STORE_ENV = "VITCLI_WEIGHTS"
 HUB_PROBE_TIMEOUT_S = 3.0
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # org/name, as the Hugging Face Hub spells it
+RUN_MODEL_NAMES = ("best", "last")  # model folders inside a `vitcli finetune` run, in order of preference
 
 
 @dataclass
@@ -46,6 +48,7 @@ class LoadedModel:
     source: str  # "hub", "cache", "local-dir", "store", "weights", "random"
     labels: list[str]
     data_config: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None  # the model folder it was loaded from (a run folder's best/, ...)
 
     @property
     def num_classes(self) -> int:
@@ -146,7 +149,9 @@ def load_model(
     """
     kwargs = {k: v for k, v in dict(model_kwargs, num_classes=num_classes, img_size=img_size).items()
               if v is not None}
-    folder = _as_model_folder(name)
+    entry: Path | None = None
+    hub_id = _as_hub_id(name) if weights is None else None
+    folder = _as_model_folder(name) if hub_id is None else None
     if weights is not None:
         arch = check_arch(name)
         model = timm.create_model(name, pretrained=False, **kwargs)
@@ -166,9 +171,9 @@ def load_model(
             if pretrained:
                 load_weights(model, entry, new_head=num_classes is not None)
         source = "store"
-    elif name.startswith("hf-hub:"):
-        model = _create_from_hub(name, pretrained, kwargs)
-        arch, source = model.pretrained_cfg.get("architecture", name), "hub"
+    elif hub_id is not None:
+        model = _create_from_hub(hub_id, pretrained, kwargs, implicit=hub_id != name)
+        arch, source = model.pretrained_cfg.get("architecture", hub_id), "hub" if pretrained else "random"
     else:
         if Path(name).suffix in WEIGHT_SUFFIXES and Path(name).is_file():
             raise UsageError(f"'{name}' is a weights file; name its architecture too: "
@@ -187,11 +192,24 @@ def load_model(
         source=source,
         labels=labels or model_labels(model),
         data_config=data_config,
+        folder=folder if folder is not None else (entry if source == "store" and entry.is_dir() else None),
     )
 
 
+def _as_hub_id(name: str) -> str | None:
+    """``hf-hub:org/name``, or a plain ``org/name`` that names no local path, as timm's ``hf-hub:`` id."""
+    if name.startswith("hf-hub:"):
+        return name
+    if HUB_REPO_ID.fullmatch(name) and not Path(name).expanduser().exists():
+        return f"hf-hub:{name}"
+    return None
+
+
 def _as_model_folder(name: str) -> Path | None:
-    """The folder meant by ``name`` if it is a path (or ``local-dir:`` path) to one."""
+    """The folder meant by ``name`` if it is a path (or ``local-dir:`` path) to one.
+
+    A `vitcli finetune` run folder stands for its ``best/`` model (else ``last/``).
+    """
     raw = name.removeprefix("local-dir:")
     looks_like_path = raw != name or os.sep in raw or raw.startswith(".") or Path(raw).is_dir()
     if not looks_like_path:
@@ -200,8 +218,12 @@ def _as_model_folder(name: str) -> Path | None:
     if is_model_folder(path):
         return path
     if path.is_dir():
+        for sub in RUN_MODEL_NAMES:
+            if is_model_folder(path / sub):
+                return path / sub
         raise UsageError(f"model folder '{path}' has no config.json; expected timm's hub layout "
-                         "(config.json + model.safetensors) as `vitcli finetune` writes it")
+                         "(config.json + model.safetensors) as `vitcli finetune` writes it, or a "
+                         "finetune run folder with best/ or last/")
     if raw != name or not (path.suffix in WEIGHT_SUFFIXES and path.is_file()):
         raise UsageError(f"model folder '{path}' does not exist; give a timm name "
                          f"(e.g. {DEFAULT_MODEL}) or a folder with config.json + model.safetensors")
@@ -216,38 +238,62 @@ def _create(name: str, **kwargs: Any) -> nn.Module:
                              f"{first_line(e)}") from e
 
 
-def _create_from_hub(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
-    """timm.create_model for hub weights, failing fast with one line when the hub is unreachable."""
-    if not pretrained:
+def _create_from_hub(name: str, pretrained: bool, kwargs: dict[str, Any], implicit: bool = False) -> nn.Module:
+    """timm.create_model for hub weights, failing fast with one line when the hub is unreachable.
+
+    ``implicit``: ``name`` came from a plain ``org/name`` that is no local path either, so the
+    message says that it was looked for in both places.
+    """
+    also = f" (and there is no local folder '{name.removeprefix('hf-hub:')}')" if implicit else ""
+    if not pretrained and not name.startswith("hf-hub:"):
         return timm.create_model(name, pretrained=False, **kwargs)
     offline = not hub_reachable()
     try:
-        # Offline, only the local Hugging Face cache is used (no retries for a minute).
+        # Offline, only the local Hugging Face cache is used (no retries for a minute). An hf-hub:
+        # id needs its config.json from the hub even for --no-pretrained.
         with _hub_offline(offline):
-            return timm.create_model(name, pretrained=True, **kwargs)
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as e:  # huggingface_hub raises many types (OSError, HfHubHTTPError, ...)
         if offline or _is_network_error(e):
             raise HubUnreachableError(
-                f"could not reach the Hugging Face Hub to download '{name}' and it is not cached; "
+                f"could not reach the Hugging Face Hub to download '{name}' and it is not cached{also}; "
                 f"use --weights FILE, a local model folder, or run `vitcli weights pull {name}` "
                 f"where there is internet and copy the folder into {store_dir()}/"
             ) from e
-        raise ModelLoadError(f"could not load pretrained weights for '{name}': {first_line(e)}") from e
+        raise ModelLoadError(f"could not load pretrained weights for '{name}'{also}: {first_line(e)}") from e
 
 
 def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """One TCP connect to the hub endpoint (huggingface_hub itself retries for ~45 s offline)."""
+    """Whether the hub endpoint answers an HTTP HEAD within ``timeout`` seconds in all.
+
+    The request goes through urllib's proxy handling (HTTPS_PROXY, HTTP_PROXY, NO_PROXY, as
+    huggingface_hub's own client does), and it runs in a daemon thread so that the DNS lookup, which
+    no socket timeout covers, counts against the deadline too. (huggingface_hub itself retries for
+    ~45 s offline, hence a probe of our own.) Any HTTP answer, even an error status, means reachable.
+    """
+    import urllib.error
+    import urllib.request
+
     from huggingface_hub import constants
 
     if constants.is_offline_mode():
         return False
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    answered: list[bool] = []
+
+    def probe() -> None:
+        request = urllib.request.Request(constants.ENDPOINT, method="HEAD", headers={"User-Agent": "vitcli"})
+        try:
+            with urllib.request.build_opener().open(request, timeout=timeout):
+                answered.append(True)
+        except urllib.error.HTTPError:  # the hub (or the proxy in front of it) answered
+            answered.append(True)
+        except Exception:  # URLError, timeouts, refused connections, DNS failures
+            answered.append(False)
+
+    thread = threading.Thread(target=probe, name="vitcli-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered and answered[0])
 
 
 @contextlib.contextmanager

@@ -63,14 +63,13 @@ def evaluate(
     """
     with handled_errors():
         from vitcli.console import err
-        from vitcli.evaluate import evaluate_model, resolve_run_model
+        from vitcli.evaluate import evaluate_model
         from vitcli.models import load_model
 
-        model_name = resolve_run_model(model)
-        if model_name != model:
-            err.print(f"using the model folder {model_name}", highlight=False)
-        with err.status(f"loading {model_name}"):
-            loaded = load_model(model_name, weights)
+        with err.status(f"loading {model}"):
+            loaded = load_model(model, weights)
+        if loaded.folder is not None and loaded.folder != Path(model.removeprefix("local-dir:")).expanduser():
+            err.print(f"using the model folder {loaded.folder}", highlight=False)
         with _Progress() as on_batch:
             result = evaluate_model(loaded, data, split=split, batch_size=batch_size, workers=workers,
                                     device=device.value, precision=precision.value, strict=strict,
