@@ -445,6 +445,56 @@ def test_weights_pull_offline_fails_with_one_line(tmp_path, monkeypatch):
     assert not (Path(os.environ["VITCLI_WEIGHTS"]) / "vit_tiny_patch16_224").exists()
 
 
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A hub download that builds test_vit with seeded random weights and counts its calls."""
+    import timm
+    import torch
+
+    import vitcli.models
+
+    calls = []
+
+    def download(name, pretrained, kwargs, implicit=False):
+        calls.append(name)
+        torch.manual_seed(len(calls))
+        return timm.create_model("test_vit", pretrained=False)
+
+    monkeypatch.setattr(vitcli.models, "_create_from_hub", download)
+    monkeypatch.setattr(vitcli.models, "check_arch", lambda name: name.partition(".")[0])
+    return calls
+
+
+def test_weights_pull_saves_a_model_folder_that_loads_offline(fake_hub, images):
+    store = Path(os.environ["VITCLI_WEIGHTS"])
+
+    pulled = invoke("weights", "pull", "vit_tiny_patch16_224")
+    predicted = invoke("predict", str(images[0]), "--model", "vit_tiny_patch16_224", "--json", "-j", "0")
+
+    assert pulled.exit_code == 0, pulled.stderr
+    assert f"vit_tiny_patch16_224 -> {store / 'vit_tiny_patch16_224'}" in pulled.stdout
+    config = json.loads((store / "vit_tiny_patch16_224" / "config.json").read_text())
+    assert config["architecture"] == "test_vit" and len(config["label_names"]) == 1000
+    assert predicted.exit_code == 0, predicted.stderr
+    assert fake_hub == ["vit_tiny_patch16_224"]  # predict loaded it from the store, not the hub
+
+
+def test_weights_pull_never_rewrites_a_store_entry_or_a_path_unless_refreshed(fake_hub, tiny_model_dir):
+    store = Path(os.environ["VITCLI_WEIGHTS"])
+    assert invoke("weights", "pull", "vit_tiny_patch16_224").exit_code == 0
+    before = (store / "vit_tiny_patch16_224" / "model.safetensors").read_bytes()
+
+    again = invoke("weights", "pull", "vit_tiny_patch16_224")
+    path = invoke("weights", "pull", str(tiny_model_dir))
+    refreshed = invoke("weights", "pull", "vit_tiny_patch16_224", "--refresh")
+
+    assert again.exit_code == 2 and "already in the store" in again.stderr and "--refresh" in again.stderr
+    assert path.exit_code == 2 and "is a local path" in path.stderr
+    assert fake_hub == ["vit_tiny_patch16_224", "vit_tiny_patch16_224"]  # only --refresh downloaded again
+    assert refreshed.exit_code == 0, refreshed.stderr
+    assert (store / "vit_tiny_patch16_224" / "model.safetensors").read_bytes() != before  # new seed, new weights
+
+
 # ------------------------------------------------------------------------------------- real data
 
 

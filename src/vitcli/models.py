@@ -367,7 +367,26 @@ def save_model_folder(model: nn.Module, folder: Path, labels: list[str],
     return folder
 
 
-def pull_to_store(name: str) -> Path:
-    """Download a hub model through timm and keep it in the store as a model folder."""
-    loaded = load_model(name)
-    return save_model_folder(loaded.model, store_dir() / name, loaded.labels)
+def pull_to_store(name: str, refresh: bool = False) -> Path:
+    """Download a timm model's pretrained weights from the hub into the store, as a model folder.
+
+    Only timm names are pulled (a local path or a store entry is never rewritten in place); a name
+    already in the store is downloaded again only with ``refresh``.
+    """
+    raw = name.removeprefix("local-dir:")
+    if raw != name or Path(raw).expanduser().exists() or os.sep in raw or raw.startswith("."):
+        raise UsageError(f"'{name}' is a local path; `weights pull` downloads timm models from the Hugging Face "
+                         f"Hub: give a timm name (e.g. {DEFAULT_MODEL}), or copy a model folder into {store_dir()}/")
+    if _as_hub_id(name) is not None:
+        raise UsageError(f"'{name}' is a Hub repository id; `weights pull` takes timm names (e.g. {DEFAULT_MODEL}); "
+                         f"use --model {_as_hub_id(name)} directly (huggingface_hub caches it)")
+    check_arch(name)
+    existing = find_in_store(name)
+    if existing is not None and not refresh:
+        raise UsageError(f"'{name}' is already in the store ({existing}); add --refresh to download it again")
+    model = _create_from_hub(name, True, {}).eval()
+    folder = save_model_folder(model, store_dir() / name, model_labels(model),
+                               timm.data.resolve_model_data_config(model))
+    if existing is not None and existing.is_file():
+        existing.unlink()  # the folder replaces a bare weights file of the same name
+    return folder

@@ -16,10 +16,14 @@ app = typer.Typer(help="The local model store (weights/, or $VITCLI_WEIGHTS): lo
 @app.command("pull")
 def pull(
     names: Annotated[list[str], typer.Argument(help="timm names[.tag] to download, e.g. deit_tiny_patch16_224.")],
+    refresh: Annotated[bool, typer.Option(
+        "--refresh", help="Download again a name that is already in the store (replacing it).")] = False,
 ) -> None:
     """Download hub models into the store as model folders, for offline use.
 
     Example: vitcli weights pull vit_base_patch16_224.augreg2_in21k_ft_in1k
+
+    Only timm names are pulled; a name already in the store is kept unless --refresh is given.
     """
     with handled_errors():
         from vitcli.console import err, out
@@ -27,7 +31,7 @@ def pull(
 
         for name in names:
             with err.status(f"pulling {name}"):
-                folder = pull_to_store(name)
+                folder = pull_to_store(name, refresh=refresh)
             out.print(f"{name} -> {folder}", highlight=False)
 
 
