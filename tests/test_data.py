@@ -274,6 +274,21 @@ def test_to_rgb_rewinds_an_animation_to_its_first_frame(tmp_path):
         assert to_rgb(img).getpixel((4, 4)) == (255, 0, 0)
 
 
+@pytest.mark.parametrize("suffix", [".webp", ".png"], ids=["animated-webp", "apng"])
+def test_animated_webp_and_apng_use_their_first_frame(tmp_path, suffix):
+    path = tmp_path / f"anim{suffix}"
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0,
+                   **({"lossless": True} if suffix == ".webp" else {}))
+    with Image.open(path) as check:
+        assert getattr(check, "n_frames", 1) == 2 and check.format in ("WEBP", "PNG")
+
+    img = load_image(str(path))
+
+    assert img.mode == "RGB" and img.size == (8, 8)
+    assert img.getpixel((4, 4)) == (255, 0, 0)
+
+
 def test_rgb_jpeg_loads_unchanged(tmp_path):
     path = make_image(tmp_path / "a.png", size=(20, 10))
 
@@ -386,4 +401,113 @@ def test_eval_transform_follows_the_model_data_config(tmp_path):
     x = eval_transform(config)(load_image(str(path)))
 
     assert tuple(x.shape) == (3, 96, 96)
-    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0  # mean/std 0.5 maps [0, 1] to [-1, 1]
+
+
+def test_eval_transform_normalises_with_the_models_own_mean_and_std(tmp_path):
+    path = tmp_path / "solid.png"
+    Image.new("RGB", (120, 80), (51, 102, 204)).save(path)  # 0.2, 0.4, 0.8 after ToTensor
+    config = {"input_size": (3, 64, 64), "interpolation": "bilinear", "mean": (0.1, 0.2, 0.3),
+              "std": (0.5, 0.25, 0.125), "crop_pct": 1.0, "crop_mode": "center"}
+
+    x = eval_transform(config)(load_image(str(path)))
+
+    expected = [(0.2 - 0.1) / 0.5, (0.4 - 0.2) / 0.25, (0.8 - 0.3) / 0.125]  # 0.2, 0.8, 4.0
+    for channel, value in enumerate(expected):
+        np.testing.assert_allclose(x[channel].numpy(), value, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ URLs
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    """A local HTTP server (127.0.0.1 only) with an image, a 404, an oversized body and a trickle."""
+    import http.server
+    import io
+    import threading
+    import time
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (10, 200, 30)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            if self.path == "/img.png":
+                self._send(png, length=len(png))
+            elif self.path == "/declared-big":
+                self._send(b"x" * 10, length=10_000_000)  # Content-Length says 10 MB
+            elif self.path == "/undeclared-big":
+                self._send(b"x" * 300_000, length=None)  # no Content-Length, more than the limit
+            elif self.path == "/trickle":
+                self.send_response(200)
+                self.end_headers()
+                try:
+                    for _ in range(100):  # one byte every 0.1 s: every read is quick, the whole is not
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                except OSError:
+                    pass
+            else:
+                self.send_error(404, "Not Found")
+
+        def _send(self, body: bytes, length: int | None) -> None:
+            self.send_response(200)
+            if length is not None:
+                self.send_header("Content-Length", str(length))
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_url_image_loads(image_server, no_proxy):
+    img = load_image(f"{image_server}/img.png")
+
+    assert img.size == (32, 24) and img.getpixel((5, 5)) == (10, 200, 30)
+
+
+def test_url_http_error_names_the_status(image_server, no_proxy):
+    with pytest.raises(ImageLoadError, match="could not download .*Not Found") as info:
+        load_image(f"{image_server}/missing.jpg")
+    assert info.value.source == f"{image_server}/missing.jpg" and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("path", ["/declared-big", "/undeclared-big"])
+def test_url_size_limit_with_and_without_content_length(image_server, no_proxy, path):
+    from vitcli.data import fetch_url
+
+    with pytest.raises(ImageLoadError, match="over the 0 MiB limit"):
+        fetch_url(f"{image_server}{path}", max_bytes=100_000)
+
+
+def test_url_timeout_is_a_deadline_for_the_whole_download(image_server, no_proxy):
+    import time
+
+    from vitcli.data import fetch_url
+
+    start = time.monotonic()
+    with pytest.raises(ImageLoadError, match="took longer than 1 s"):
+        fetch_url(f"{image_server}/trickle", timeout=1.0)
+    assert time.monotonic() - start < 2.5  # a per-read timeout would wait for all 100 bytes (10 s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -177,9 +178,45 @@ def test_bf16_on_cpu_gives_valid_probabilities(tiny, images):
         assert float((probs_by_index(a, 3) - pb).abs().max()) < 0.1  # bf16 has ~3 significant digits
 
 
-def test_fast_decode_changes_nothing_for_small_jpegs(tiny, images):
-    # the draft never decodes below the resize target, and these images are smaller than it
+def test_fast_decode_leaves_images_smaller_than_the_resize_alone(tiny, images):
+    # the draft never decodes below the resize target, and these 64x48 images are smaller than it
     assert run(tiny, images, top_k=3) == run(tiny, images, top_k=3, fast_decode=False)
+
+
+def test_fast_decode_runs_on_large_photos_and_stays_close_to_exact(tiny, tmp_path, monkeypatch):
+    import timm
+    from PIL import Image
+
+    from vitcli import data
+
+    big = []
+    for i in range(3):  # smooth 1024x768 photos, far larger than the 160-pixel model input
+        y, x = np.mgrid[0:768, 0:1024]
+        arr = np.stack([(x * (i + 1)) % 256, (y // 3) % 256, ((x + y) // 5) % 256], axis=-1).astype(np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"big{i}.jpg", quality=90)
+        big.append(tmp_path / f"big{i}.jpg")
+    took_fast_path = []
+    original = data._FastResizeCrop.__call__
+
+    def spy(self, img):
+        out = original(self, img)
+        took_fast_path.append(out is not None)
+        return out
+
+    monkeypatch.setattr(data._FastResizeCrop, "__call__", spy)
+    fast = run(tiny, big, top_k=3)
+    exact = run(tiny, big, top_k=3, fast_decode=False)
+
+    assert took_fast_path == [True, True, True]  # draft decode + torch resize ran for every photo
+    for a, b in zip(fast, exact, strict=True):
+        assert float((probs_by_index(a, 3) - probs_by_index(b, 3)).abs().max()) < 0.02
+    # and the exact path is timm's own eval transform, to the last bit
+    transform = timm.data.create_transform(**tiny.data_config, is_training=False)
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in big])
+    with torch.inference_mode():
+        reference = tiny.model(x).softmax(dim=1).double()
+    for r, probs in zip(exact, reference, strict=True):
+        torch.testing.assert_close(probs_by_index(r, 3), probs, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet"])

@@ -15,6 +15,7 @@ import functools
 import glob
 import io
 import sys
+import time
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterable
@@ -30,7 +31,8 @@ from vitcli.errors import ImageLoadError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                               ".ppm", ".pgm", ".pbm", ".jfif"})
 URL_MAX_BYTES = 50 * 1024 * 1024
-URL_TIMEOUT_S = 15.0
+URL_TIMEOUT_S = 15.0  # seconds for the whole download
+URL_CHUNK_BYTES = 64 * 1024
 
 
 # ------------------------------------------------------------------------------ input expansion
@@ -100,23 +102,38 @@ def expand_inputs(inputs: Iterable[str]) -> tuple[list[str], list[InputProblem]]
 
 
 def fetch_url(url: str, max_bytes: int = URL_MAX_BYTES, timeout: float = URL_TIMEOUT_S) -> bytes:
-    """Download an image with a size limit and a timeout."""
+    """Download an image with a size limit and one deadline for the whole download.
+
+    ``timeout`` bounds the connection and every read, and the download as a whole: a server that
+    trickles bytes is cut off when the deadline passes. Proxies come from HTTP(S)_PROXY/NO_PROXY.
+    """
+    deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"User-Agent": "vitcli"})
+    chunks: list[bytes] = []
+    size = 0
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
-            if length is not None and int(length) > max_bytes:
+            if length is not None and length.isdigit() and int(length) > max_bytes:
                 raise ImageLoadError(url, f"download is {int(length) / 2**20:.0f} MiB, over the "
                                      f"{max_bytes / 2**20:.0f} MiB limit")
-            data = response.read(max_bytes + 1)
+            while size <= max_bytes:
+                if time.monotonic() > deadline:
+                    raise ImageLoadError(url, f"download took longer than {timeout:g} s; check the URL "
+                                         "and your connection, or download the file first")
+                chunk = response.read1(URL_CHUNK_BYTES)  # what has arrived, up to a chunk: the deadline is checked often
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
     except ImageLoadError:
         raise
     except Exception as e:  # URLError, HTTPError, timeout, ...
         raise ImageLoadError(url, f"could not download ({getattr(e, 'reason', e)}); "
                              "check the URL and your connection") from e
-    if len(data) > max_bytes:
+    if size > max_bytes:
         raise ImageLoadError(url, f"download is over the {max_bytes / 2**20:.0f} MiB limit")
-    return data
+    return b"".join(chunks)
 
 
 def load_image(source: str, draft_size: tuple[int, int] | None = None) -> Image.Image:
