@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import DEIT_WEIGHTS, TINY_LABELS, make_image, shared
 from vitcli.cli.app import app
+from vitcli.data import eval_transform, load_image
 from vitcli.errors import DatasetError, UsageError
 from vitcli.evaluate import (
     ClassMetrics,
@@ -125,7 +126,7 @@ def test_classes_are_mapped_by_name_not_folder_order(tmp_path):
     assert result.matrix.tolist() == [[2, 1, 0], [0, 3, 1], [0, 0, 0]]
     assert result.n_images == 7
     assert result.top1 == pytest.approx(5 / 7)
-    assert result.top5 == 1.0 and result.top5_k == 3
+    assert result.top5 is None  # 3 classes: every image is in the top 5
     assert [m.support for m in result.per_class] == [3, 4, 0]
     assert result.per_class[0].precision == 1.0 and result.per_class[0].recall == pytest.approx(2 / 3)
     assert result.folder == str(data)
@@ -174,7 +175,7 @@ def test_tiny_model_totals_match_an_independent_forward(tiny, tmp_path):
     with torch.inference_mode():
         loss = torch.nn.functional.cross_entropy(tiny.model(images), targets).item()
     assert result.loss == pytest.approx(loss, rel=1e-4)
-    assert result.top5 == 1.0  # top-3 of 3 classes
+    assert result.top5 is None  # top-5 of 3 classes says nothing
 
 
 def test_test_folder_is_preferred_over_val_and_split_picks_one(tmp_path):
@@ -241,7 +242,8 @@ def test_cli_tables(tiny_model_dir, dataset):
     result = invoke(str(dataset.parent), "--model", str(tiny_model_dir), "--workers", "0")
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
-    for text in ("top-1", "top-3", "precision", "recall", "support", "confusion matrix", "cat", "dog"):
+    assert "top-3" not in result.stdout and "top-5" not in result.stdout  # 3 classes: all in any top 3
+    for text in ("top-1", "precision", "recall", "support", "confusion matrix", "cat", "dog"):
         assert text in result.stdout
 
 
@@ -251,7 +253,7 @@ def test_cli_json_is_one_document(tiny_model_dir, dataset):
     doc = json.loads(result.stdout)
     assert set(doc) == {"top1", "top5", "loss", "n_images", "folder", "per_class", "confusion_matrix", "skipped"}
     assert doc["n_images"] == 5 and doc["folder"] == str(dataset) and doc["skipped"] == []
-    assert 0.0 <= doc["top1"] <= doc["top5"] <= 1.0 and doc["loss"] > 0
+    assert 0.0 <= doc["top1"] <= 1.0 and doc["top5"] is None and doc["loss"] > 0  # 3 classes: no top-5
     matrix = doc["confusion_matrix"]["matrix"]
     labels = doc["confusion_matrix"]["labels"]
     assert labels[:2] == ["cat", "dog"] and len(matrix) == len(labels)
@@ -337,3 +339,40 @@ def test_imagenet_model_on_hymenoptera_names_the_unknown_classes():
     assert result.stderr.startswith("Error: folder class(es) unknown to the model: ants, bees; "
                                     "the model's labels are tench, goldfish, great white shark")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_top5_of_a_model_with_more_than_5_classes_counts_true_classes_in_the_top_5(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=8).eval()
+    labels = [f"c{i}" for i in range(8)]
+    loaded = LoadedModel(model, "test", "test_vit", "random", labels,
+                         timm.data.resolve_model_data_config(model))
+    paths = noise_folder(tmp_path / "data", dict.fromkeys(labels, 2))
+
+    result = evaluate_model(loaded, paths, workers=0)
+
+    transform = eval_transform(loaded.data_config)
+    samples = [(p, labels.index(p.parent.name)) for p in sorted(paths.rglob("*.png"))]
+    with torch.inference_mode():
+        logits = model(torch.stack([transform(load_image(str(p))) for p, _ in samples]))
+    targets = torch.tensor([t for _, t in samples])
+    in_top5 = (logits.topk(5, dim=1).indices == targets[:, None]).any(dim=1).float().mean().item()
+    assert result.top5 == pytest.approx(in_top5)
+    assert result.top1 == pytest.approx((logits.argmax(dim=1) == targets).float().mean().item())
+
+
+def test_cli_leaves_out_the_top5_column_for_two_classes(tiny_model_dir, tmp_path):
+    import timm
+
+    from vitcli.models import save_model_folder
+
+    two = save_model_folder(timm.create_model("test_vit", pretrained=False, num_classes=2).eval(),
+                            tmp_path / "two", ["cat", "dog"])
+    data = noise_folder(tmp_path / "data", {"cat": 2, "dog": 2})
+
+    result = invoke(str(data), "-m", str(two), "-j", "0")
+
+    assert result.exit_code == 0, result.output
+    assert "top-1" in result.stdout and "top-5" not in result.stdout and "top-2" not in result.stdout

@@ -121,7 +121,7 @@ def fetch_url(url: str, max_bytes: int = URL_MAX_BYTES, timeout: float = URL_TIM
                 if time.monotonic() > deadline:
                     raise ImageLoadError(url, f"download took longer than {timeout:g} s; check the URL "
                                          "and your connection, or download the file first")
-                chunk = response.read1(URL_CHUNK_BYTES)  # what has arrived, up to a chunk: the deadline is checked often
+                chunk = response.read1(URL_CHUNK_BYTES)  # what has arrived (<= a chunk): the deadline is checked often
                 if not chunk:
                     break
                 chunks.append(chunk)

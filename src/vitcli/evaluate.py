@@ -35,10 +35,13 @@ class ClassMetrics:
 
 @dataclass
 class EvalResult:
-    """Scores of a model on one folder. ``top1``/``top5`` are fractions; ``loss`` is mean cross-entropy."""
+    """Scores of a model on one folder. ``top1``/``top5`` are fractions; ``loss`` is mean cross-entropy.
+
+    ``top5`` is None for models of 5 classes or fewer, where every image is in the top 5.
+    """
 
     top1: float
-    top5: float
+    top5: float | None
     loss: float
     n_images: int
     labels: list[str]  # rows/columns of ``matrix``, in the model's label order
@@ -46,7 +49,6 @@ class EvalResult:
     per_class: list[ClassMetrics]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): unreadable images
     folder: str = ""
-    top5_k: int = 5  # the k of "top-5": min(5, the model's number of classes)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document of ``vitcli evaluate --json``."""
@@ -177,7 +179,7 @@ def evaluate_model(
         samples, _ = drop_unreadable(samples, strict=True)
 
     num_classes = loaded.num_classes
-    k = min(5, num_classes)
+    k = min(5, num_classes)  # top-5 where there are more than 5 classes; top1 is hits[:, 0] either way
     model = loaded.model.to(torch_device).eval()
 
     def logits_of(batch):  # (images, targets, errors) -> (fp32 logits on the CPU or None, targets, errors)
@@ -202,6 +204,8 @@ def evaluate_model(
             done += len(errors)
             if logits is not None:
                 loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+                # one topk gives the hit counts and the top-1 predictions the matrix needs
+                # (timm.utils.accuracy returns batch percentages, not counts or predictions)
                 top = logits.topk(k, dim=1).indices  # (B, k)
                 hits = top == targets[:, None]  # (B, k)
                 correct1 += hits[:, 0].sum().item()
@@ -221,7 +225,7 @@ def evaluate_model(
     matrix = matrix[keep][:, keep]
     return EvalResult(
         top1=correct1 / n_images,
-        top5=correct_k / n_images,
+        top5=correct_k / n_images if num_classes > 5 else None,
         loss=loss_sum / n_images,
         n_images=n_images,
         labels=labels,
@@ -229,5 +233,4 @@ def evaluate_model(
         per_class=per_class_metrics(matrix, labels),
         skipped=skipped,
         folder=str(folder),
-        top5_k=k,
     )

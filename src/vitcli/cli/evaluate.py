@@ -52,7 +52,7 @@ def evaluate(
     Example: vitcli evaluate ./data --model runs/finetune/exp/best --confusion-png confusion.png
 
     Class folders are matched to the model's labels by name, never by order; a class the model does
-    not know is an error. Top-5 is top-k with k = min(5, number of classes).
+    not know is an error. Top-5 is shown for models of more than 5 classes (null in --json otherwise).
 
     --json prints one JSON document: {"top1", "top5", "loss", "n_images", "folder", "per_class":
     [{"label", "precision", "recall", "f1", "support"}], "confusion_matrix": {"labels", "matrix"},
@@ -143,9 +143,11 @@ def _summary_table(result):
     table = Table(title=f"{result.folder}", header_style="bold", title_justify="left")
     table.add_column("images", justify="right")
     table.add_column("top-1", justify="right")
-    table.add_column(f"top-{result.top5_k}", justify="right")
+    top5 = [f"{result.top5:.2%}"] if result.top5 is not None else []  # no top-5 with 5 classes or fewer
+    if top5:
+        table.add_column("top-5", justify="right")
     table.add_column("loss", justify="right")
-    table.add_row(str(result.n_images), f"{result.top1:.2%}", f"{result.top5:.2%}", f"{result.loss:.4f}")
+    table.add_row(str(result.n_images), f"{result.top1:.2%}", *top5, f"{result.loss:.4f}")
     return table
 
 
