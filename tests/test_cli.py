@@ -153,6 +153,14 @@ def test_files_from_a_list_file_and_from_stdin(tiny_model_dir, images, tmp_path)
     assert [r["source"] for r in json_lines(from_stdin.stdout)] == [str(p) for p in (images[1], images[0], images[2])]
 
 
+def test_a_missing_files_from_list_is_a_usage_error(tiny_model_dir, tmp_path):
+    result = predict_tiny(tiny_model_dir, "--files-from", str(tmp_path / "list.txt"))
+
+    assert result.exit_code == 2
+    [line] = error_lines(result.stderr)
+    assert f"--files-from '{tmp_path / 'list.txt'}' does not exist" in line
+
+
 def test_many_images_with_progress_keep_stdout_clean(tiny_model_dir, tmp_path):
     folder = tmp_path / "many"
     for i in range(70):  # over the progress-bar threshold

@@ -19,7 +19,7 @@ from vitcli.data import (
     read_path_list,
     to_rgb,
 )
-from vitcli.errors import ImageLoadError
+from vitcli.errors import ImageLoadError, UsageError
 
 # ------------------------------------------------------------------------------ input expansion
 
@@ -94,10 +94,10 @@ def test_read_path_list_dash_reads_stdin(monkeypatch):
     assert read_path_list("-") == ["one.jpg", "two.jpg"]
 
 
-def test_read_path_list_missing_file_names_it(tmp_path):
-    with pytest.raises(ImageLoadError, match="list file does not exist") as info:
+def test_read_path_list_missing_file_is_a_usage_error_naming_it(tmp_path):
+    with pytest.raises(UsageError, match=r"--files-from '.*nope.txt' does not exist") as info:
         read_path_list(str(tmp_path / "nope.txt"))
-    assert info.value.source == str(tmp_path / "nope.txt")
+    assert info.value.exit_code == 2
 
 
 # ---------------------------------------------------------------------------- orientation, modes

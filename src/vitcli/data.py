@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vitcli.errors import ImageLoadError
+from vitcli.errors import ImageLoadError, UsageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                               ".ppm", ".pgm", ".pbm", ".jfif"})
@@ -62,7 +62,8 @@ def read_path_list(list_file: str) -> list[str]:
     else:
         path = Path(list_file)
         if not path.is_file():
-            raise ImageLoadError(list_file, "list file does not exist; give a text file with one path per line")
+            raise UsageError(f"--files-from '{list_file}' does not exist; give a text file with one image path "
+                             "or URL per line ('-' reads them from stdin)")
         lines = path.read_text().splitlines()
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
