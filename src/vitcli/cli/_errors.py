@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import typer
 
+from vitcli.cli._render import escape
+
 DEBUG_ENV = "VITCLI_DEBUG"
 
 
@@ -38,17 +40,11 @@ def handled_errors() -> Iterator[None]:
     except VitcliError as e:
         if debug():
             raise
-        raise fail(_escape(str(e)), e.exit_code) from None
+        raise fail(escape(str(e)), e.exit_code) from None
     except KeyboardInterrupt:
         raise fail("interrupted", 130) from None
     except Exception as e:
         if debug():
             raise
-        raise fail(f"{_escape(f'{type(e).__name__}: {e}'.splitlines()[0])} (an internal error; "
+        raise fail(f"{escape(f'{type(e).__name__}: {e}'.splitlines()[0])} (an internal error; "
                    f"rerun with {DEBUG_ENV}=1 for the traceback and report it)", 1) from None
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)

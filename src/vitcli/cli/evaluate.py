@@ -17,8 +17,8 @@ from vitcli.cli._options import (
     WeightsOpt,
     WorkersOpt,
 )
+from vitcli.cli._render import escape, progress_bar
 
-PROGRESS_MIN_IMAGES = 64
 MATRIX_TABLE_MAX_CLASSES = 30  # larger confusion matrices: --json or --confusion-png
 
 
@@ -70,12 +70,12 @@ def evaluate(
             loaded = load_model(model, weights)
         if loaded.folder is not None and loaded.folder != Path(model.removeprefix("local-dir:")).expanduser():
             err.print(f"using the model folder {loaded.folder}", highlight=False)
-        with _Progress() as on_batch:
+        with progress_bar("evaluate") as on_batch:
             result = evaluate_model(loaded, data, split=split, batch_size=batch_size, workers=workers,
                                     device=device.value, precision=precision.value, strict=strict,
                                     on_batch=on_batch)
         for path, reason in result.skipped:
-            err.print(f"[bold red]Error:[/] {_escape(path)}: {_escape(reason)}", highlight=False)
+            err.print(f"[bold red]Error:[/] {escape(path)}: {escape(reason)}", highlight=False)
         if confusion_png is not None:
             from vitcli.plots import save_confusion_matrix
 
@@ -85,39 +85,6 @@ def evaluate(
         _report(result, json_out)
         if result.skipped:
             raise typer.Exit(1)
-
-
-class _Progress:
-    """A context giving an ``on_batch(done, total)`` callback that shows a bar for many images."""
-
-    def __enter__(self):
-        self.progress = None
-        self.task = None
-        return self.update
-
-    def update(self, done: int, total: int) -> None:
-        if self.progress is None:
-            if total < PROGRESS_MIN_IMAGES:
-                return
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            from vitcli.console import err
-
-            columns = [TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-            self.progress = Progress(*columns, console=err, transient=True)
-            self.progress.start()
-            self.task = self.progress.add_task("evaluate", total=total)
-        self.progress.update(self.task, completed=done)
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 def _report(result, json_out: bool) -> None:
@@ -159,7 +126,7 @@ def _class_table(result):
     for name in ("precision", "recall", "F1", "support"):
         table.add_column(name, justify="right")
     for m in result.per_class:
-        table.add_row(_escape(m.label), f"{m.precision:.4f}", f"{m.recall:.4f}", f"{m.f1:.4f}", str(m.support))
+        table.add_row(escape(m.label), f"{m.precision:.4f}", f"{m.recall:.4f}", f"{m.f1:.4f}", str(m.support))
     return table
 
 
@@ -170,8 +137,8 @@ def _matrix_table(result):
                   title_justify="left")
     table.add_column("true \\ predicted", overflow="fold")
     for label in result.labels:
-        table.add_column(_escape(label), justify="right", overflow="fold")
+        table.add_column(escape(label), justify="right", overflow="fold")
     for i, (label, row) in enumerate(zip(result.labels, result.matrix.tolist(), strict=True)):
         cells = [f"[bold]{count}[/]" if j == i and count else str(count) for j, count in enumerate(row)]
-        table.add_row(_escape(label), *cells)
+        table.add_row(escape(label), *cells)
     return table
