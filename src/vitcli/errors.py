@@ -53,3 +53,11 @@ class DatasetError(VitcliError):
 
 class MissingExtraError(VitcliError):
     """An optional dependency that is not installed."""
+
+
+class NotATransformerError(UsageError):
+    """A model without patch tokens (a CNN) given to a command that explains tokens."""
+
+
+class AttentionUnavailableError(UsageError):
+    """A model whose attention is not one token-to-token map per head (Swin, XCiT, ...)."""
