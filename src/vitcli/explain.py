@@ -100,8 +100,10 @@ def explain_image(image: str, options: PatchesOptions) -> PatchesReport:
     x = eval_transform(loaded.data_config)(load_image(sources[0])).unsqueeze(0)  # (1, C, H, W)
     layout = describe_tokens(model, tuple(x.shape[1:]), loaded.name)
     layers, heads = _selection(options, layout)
+    if options.attention:
+        attention_modules(model)  # a family without one token map is refused before anything is drawn
     pixels = figures.display_pixels(x[0], loaded.data_config)  # (H, W, 3) in [0, 1]
-    report = PatchesReport(layout=layout, source=sources[0], out_dir=options.out_dir or default_out_dir(image))
+    report = PatchesReport(layout=layout, source=sources[0], out_dir=Path(options.out_dir or default_out_dir(image)))
     out = report.out_dir
     report.files += [figures.save_patch_grid(pixels, layout, out / "patches.png"),
                      figures.save_token_strip(pixels, layout, out / "tokens.png")]
@@ -164,7 +166,6 @@ def _attention_views(model: torch.nn.Module, labels: list[str], x: torch.Tensor,
     from vitcli import figures
     from vitcli.predict import Label
 
-    attention_modules(model)  # raises for families without one token map, naming the reason
     capture = AttentionCapture(model, layout.prefix_tokens, layout.query_tokens,
                                head_fusion=options.head_fusion, discard_ratio=options.discard_ratio)
     with torch.inference_mode(), capture:
@@ -199,7 +200,7 @@ def _query_words(layout: TokenLayout) -> str:
         return "the mean of the CLS and distillation rows"
     if layout.query_tokens:
         return "the CLS row"
-    return "the mean over the patch rows (no CLS token: the head averages the patches)"
+    return "the mean of the patch rows (no CLS token)"
 
 
 def _figure7(model: torch.nn.Module, data_config: dict[str, Any], sources: list[str], pixels: Any,

@@ -62,22 +62,25 @@ def save_patch_grid(pixels: np.ndarray, layout: TokenLayout, path: Path) -> Path
     h, w = pixels.shape[:2]
     (ph, pw), (rows, cols) = layout.patch_size, layout.grid
     width, height = _image_inches(pixels)
-    fig = _figure(width, height + 0.8)
+    fig = _figure(width, height + 1.0)
     ax = fig.subplots()
     ax.imshow(pixels, extent=(0, w, h, 0), interpolation="nearest")
+    line = 0.8 if max(rows, cols) <= 40 else 0.4
     for r in range(rows + 1):
-        ax.axhline(r * ph, color="white", linewidth=0.8, alpha=0.9)
+        ax.axhline(r * ph, color="white", linewidth=line, alpha=0.9)
     for c in range(cols + 1):
-        ax.axvline(c * pw, color="white", linewidth=0.8, alpha=0.9)
+        ax.axvline(c * pw, color="white", linewidth=line, alpha=0.9)
     cell_points = min(pw / w * width, ph / h * height) * 72  # a cell's side in points
     digits = len(str(layout.num_patches - 1))
     fontsize = min(10.0, cell_points * 0.9 / max(digits, 2) * 1.6)
     outline = [patheffects.withStroke(linewidth=1.5, foreground="black")]
     if fontsize >= 4.5:
         cells = range(layout.num_patches)
-    else:  # too small to read: number the first patch of each row and column
+    else:  # too small to read: number the first patch of each row and column, spaced apart enough to read
         fontsize = 6.0
-        cells = sorted({r * cols for r in range(rows)} | set(range(cols)))
+        step_r = math.ceil(9.0 / cell_points)
+        step_c = math.ceil(fontsize * 0.65 * len(str(cols)) * 1.4 / cell_points)
+        cells = sorted({r * cols for r in range(0, rows, step_r)} | set(range(0, cols, step_c)))
     for index in cells:
         top, left, bottom, right = layout.patch_box(index)
         ax.text((left + right) / 2, (top + bottom) / 2, str(index), ha="center", va="center", color="white",
@@ -86,8 +89,8 @@ def save_patch_grid(pixels: np.ndarray, layout: TokenLayout, path: Path) -> Path
     ax.set_ylim(h, 0)
     ax.set_xlabel("x (pixels of the model input)")
     ax.set_ylabel("y (pixels)")
-    ax.set_title(f"{layout.model}: {layout.input_size[1]}x{layout.input_size[2]} input\n{_grid_words(layout)}, "
-                 "numbered in token order", fontsize=10)
+    ax.set_title(f"{layout.model}: {layout.input_size[1]}x{layout.input_size[2]} input\n{_grid_words(layout)}\n"
+                 "numbered in token order (left to right, top to bottom)", fontsize=10)
     return _save(fig, path)
 
 
@@ -146,7 +149,7 @@ def _blend(pixels: np.ndarray, heat: np.ndarray, layout: TokenLayout, norm: Any,
 def _heat_norm(values: np.ndarray) -> Any:
     from matplotlib.colors import Normalize
 
-    return Normalize(vmin=0.0, vmax=max(float(np.percentile(values, 99.5)), 1.0 + 1e-6))
+    return Normalize(vmin=0.0, vmax=max(float(np.percentile(values, 99.5)), 2.0))  # uniform (1) stays mid-scale
 
 
 def save_attention_grid(pixels: np.ndarray, maps: Any, layers: Sequence[int], heads: Sequence[int],
@@ -174,7 +177,7 @@ def save_attention_grid(pixels: np.ndarray, maps: Any, layers: Sequence[int], he
             mosaic[y:y + tile_h, x:x + tile_w] = _blend(pixels, values[i, j], layout, norm, (tile_h, tile_w))
     # inches per tile: large for one map, at most 20 in of tiles across and 26 in down
     tile_in = 5.5 if n_rows * n_cols == 1 else min(1.8, 20.0 / n_cols, 26.0 / (n_rows * h / w))
-    fig = _figure(n_cols * tile_in + 2.4, n_rows * tile_in * h / w + 1.3)
+    fig = _figure(n_cols * tile_in + 3.2, n_rows * tile_in * h / w + 1.3)
     ax = fig.subplots()
     ax.imshow(mosaic, interpolation="bilinear" if n_rows * n_cols > 1 else "nearest")
     ax.set_xticks([j * (tile_w + gap) + tile_w / 2 for j in range(n_cols)], [f"head {k}" for k in heads])
@@ -211,7 +214,7 @@ def save_rollout(pixels: np.ndarray, rollout: Any, layout: TokenLayout, head_fus
         ax.set_yticks([])
     fig.colorbar(ScalarMappable(norm=norm, cmap=HEAT_CMAP), ax=right, shrink=0.9,
                  label="rollout / uniform share (1 = spread evenly)")
-    prediction = f"; top-1: {top1.label} ({top1.prob:.0%})" if top1 is not None else ""
+    prediction = f"\ntop-1: {top1.label} ({top1.prob:.1%})" if top1 is not None else ""
     fig.suptitle(f"{layout.model}: attention rollout of {source}{prediction}", fontsize=11)
     return _save(fig, path)
 

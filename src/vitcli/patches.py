@@ -148,8 +148,10 @@ def _stages(model: nn.Module, t: TokenLayout, blocks: list[nn.Module]) -> list[S
     embed_params = _count(embed)
     prefix_params = sum(p.numel() for n, p in model.named_parameters(recurse=False)
                         if n in ("cls_token", "dist_token", "reg_token", "pos_embed"))
-    block_params = sum(_count(b) for b in blocks)
     total = _count(model)
+    head_params = sum(_count(m) for n, m in model.named_children()
+                      if n in ("norm", "fc_norm", "head", "head_dist", "attn_pool", "head_drop"))
+    block_params = total - embed_params - prefix_params - head_params  # blocks (and Swin's patch merging)
     if t.hybrid:
         cells = f"{t.grid[0]} x {t.grid[1]} ResNet feature cells, stride {ph} px (overlapping receptive fields)"
         proj = f"ResNet stem + stages, then a {_pair(embed.patch_size)[0]}x{_pair(embed.patch_size)[1]} " \
@@ -179,8 +181,7 @@ def _stages(model: nn.Module, t: TokenLayout, blocks: list[nn.Module]) -> list[S
     if "DIST" in t.prefix_names:
         source = "CLS and DIST tokens (two heads, averaged)"
     stages.append(Stage("head", str(num_classes) if num_classes else "features",
-                        f"final norm + {source} -> {num_classes or 'no'} classes",
-                        total - embed_params - prefix_params - block_params))
+                        f"final norm + {source} -> {num_classes or 'no'} classes", head_params))
     stages.append(Stage("total", "", "", total))
     return stages
 
