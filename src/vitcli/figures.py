@@ -175,8 +175,8 @@ def save_attention_grid(pixels: np.ndarray, maps: Any, layers: Sequence[int], he
         for j in range(n_cols):
             y, x = i * (tile_h + gap), j * (tile_w + gap)
             mosaic[y:y + tile_h, x:x + tile_w] = _blend(pixels, values[i, j], layout, norm, (tile_h, tile_w))
-    # inches per tile: large for one map, at most 20 in of tiles across and 26 in down
-    tile_in = 5.5 if n_rows * n_cols == 1 else min(1.8, 20.0 / n_cols, 26.0 / (n_rows * h / w))
+    # inches per tile: large for one map, at most 14 in of tiles across and 18 in down (ViT-B: 12 x 12 tiles)
+    tile_in = 5.5 if n_rows * n_cols == 1 else min(1.8, 14.0 / n_cols, 18.0 / (n_rows * h / w))
     fig = _figure(n_cols * tile_in + 3.2, n_rows * tile_in * h / w + 1.3)
     ax = fig.subplots()
     ax.imshow(mosaic, interpolation="bilinear" if n_rows * n_cols > 1 else "nearest")
