@@ -137,3 +137,13 @@ def test_help_in_a_subprocess_shows_the_example():
     for text in ("Example: vitcli patches", "--attention", "--figure7", "--head-fusion", "--discard-ratio",
                  "--no-pretrained", "--img-size", "--max-images"):
         assert text in result.stdout
+
+
+def test_attention_on_swin_names_the_reason_and_exit_2(tmp_path):
+    result = invoke(make_image(tmp_path / "a.png"), "--model", "swin_tiny_patch4_window7_224", "--no-pretrained",
+                    "--attention", "--out", tmp_path / "o")
+
+    assert result.exit_code == 2
+    assert "shifted local windows" in error_line(result) and "patch view (without --attention) still works" in \
+        error_line(result)
+    assert not (tmp_path / "o").exists()  # refused before anything is drawn

@@ -21,6 +21,7 @@ from vitcli.plots import _save
 HEAT_CMAP = "inferno"
 HEAT_ALPHA = 0.6
 STRIP_MAX_TOKENS = 30  # a longer sequence is drawn with an ellipsis in the middle
+SIMILARITY_MAX_SIDE = 16  # Fig. 7 centre: at most 16 x 16 small maps (the paper's ViT-L/32 has 7 x 7)
 
 
 def display_pixels(x: Any, data_config: dict[str, Any]) -> np.ndarray:
@@ -74,7 +75,7 @@ def save_patch_grid(pixels: np.ndarray, layout: TokenLayout, path: Path) -> Path
     digits = len(str(layout.num_patches - 1))
     fontsize = min(10.0, cell_points * 0.9 / max(digits, 2) * 1.6)
     outline = [patheffects.withStroke(linewidth=1.5, foreground="black")]
-    if fontsize >= 4.5:
+    if fontsize >= 5.5:
         cells = range(layout.num_patches)
     else:  # too small to read: number the first patch of each row and column, spaced apart enough to read
         fontsize = 6.0
@@ -102,7 +103,7 @@ def save_token_strip(pixels: np.ndarray, layout: TokenLayout, path: Path) -> Pat
     budget = max(STRIP_MAX_TOKENS - layout.prefix_tokens, 8)
     shown: list[int | None] = list(range(n)) if n <= budget else [*range(budget - 5), None, *range(n - 4, n)]
     slots = layout.prefix_names + shown  # str: prefix token; int: patch; None: ellipsis
-    fig = _figure(max(6.0, 0.52 * len(slots) + 0.6), 2.1)
+    fig = _figure(max(6.0, 0.52 * len(slots) + 0.6), 1.9)
     ax = fig.subplots()
     colours = {"CLS": "#d62728", "DIST": "#9467bd"}
     for k, slot in enumerate(slots):
@@ -121,8 +122,9 @@ def save_token_strip(pixels: np.ndarray, layout: TokenLayout, path: Path) -> Pat
     ax.set_aspect("equal")
     ax.axis("off")
     prefix = f"{layout.prefix_tokens} prefix ({', '.join(layout.prefix_names)})" if layout.prefix_names else "no prefix"
-    ax.set_title(f"{layout.model}: token sequence, T = {prefix} + {n} patches = {layout.sequence_length}",
-                 fontsize=10)
+    order = f"; patch k is token t(k+{layout.prefix_tokens})" if layout.prefix_tokens else ""
+    ax.set_title(f"{layout.model}: token sequence, T = {prefix} + {n} patches = {layout.sequence_length}\n"
+                 f"prefix tokens first, then the patches in reading order{order}", fontsize=10)
     return _save(fig, path)
 
 
@@ -183,6 +185,9 @@ def save_attention_grid(pixels: np.ndarray, maps: Any, layers: Sequence[int], he
     ax.set_xticks([j * (tile_w + gap) + tile_w / 2 for j in range(n_cols)], [f"head {k}" for k in heads])
     ax.set_yticks([i * (tile_h + gap) + tile_h / 2 for i in range(n_rows)], [f"layer {k}" for k in layers])
     ax.tick_params(length=0, labelsize=9, labeltop=True, labelbottom=False)
+    if n_rows * n_cols == 1:  # the title names the layer and head
+        ax.set_xticks([])
+        ax.set_yticks([])
     for spine in ax.spines.values():
         spine.set_visible(False)
     fig.colorbar(ScalarMappable(norm=norm, cmap=HEAT_CMAP), ax=ax, shrink=0.6 if n_rows > 2 else 0.9,
@@ -280,18 +285,24 @@ def save_figure7(components: Any, similarity: Any, distance: Any, layout: TokenL
     else:
         sim = np.asarray(similarity, dtype=np.float64)  # (rows, cols, rows, cols)
         rows, cols = sim.shape[:2]
+        # a grid over 16 a side would need more small maps than pixels to draw them: show evenly spaced patches
+        pick_r = np.unique(np.linspace(0, rows - 1, min(rows, SIMILARITY_MAX_SIDE)).round().astype(int))
+        pick_c = np.unique(np.linspace(0, cols - 1, min(cols, SIMILARITY_MAX_SIDE)).round().astype(int))
         gap = 1 if rows > 20 else 2
-        mosaic = _tiles(sim.reshape(rows * cols, rows, cols), per_row=cols, gap=gap, fill=np.nan)
+        chosen = sim[pick_r][:, pick_c].reshape(len(pick_r) * len(pick_c), rows, cols)
+        mosaic = _tiles(chosen, per_row=len(pick_c), gap=gap, fill=np.nan)
         image = centre.imshow(mosaic, cmap="viridis", vmin=-1.0, vmax=1.0, interpolation="nearest")
-        step = max(1, round(cols / 8))
-        centre.set_xticks([c * (cols + gap) + cols / 2 for c in range(0, cols, step)],
-                          [str(c + 1) for c in range(0, cols, step)])
-        step_r = max(1, round(rows / 8))
-        centre.set_yticks([r * (rows + gap) + rows / 2 for r in range(0, rows, step_r)],
-                          [str(r + 1) for r in range(0, rows, step_r)])
+        step = max(1, round(len(pick_c) / 8))
+        centre.set_xticks([k * (cols + gap) + cols / 2 for k in range(0, len(pick_c), step)],
+                          [str(pick_c[k] + 1) for k in range(0, len(pick_c), step)])
+        step_r = max(1, round(len(pick_r) / 8))
+        centre.set_yticks([k * (rows + gap) + rows / 2 for k in range(0, len(pick_r), step_r)],
+                          [str(pick_r[k] + 1) for k in range(0, len(pick_r), step_r)])
         centre.set_xlabel("input patch column")
         centre.set_ylabel("input patch row")
-        centre.set_title("Position embedding similarity\n(each small map: one patch vs all)", fontsize=10)
+        subset = "" if (len(pick_r), len(pick_c)) == (rows, cols) else \
+            f", {len(pick_r)}x{len(pick_c)} of the {rows}x{cols} patches"
+        centre.set_title(f"Position embedding similarity\n(each small map: one patch vs all{subset})", fontsize=10)
         fig.colorbar(image, ax=centre, shrink=0.8, label="cosine similarity")
     if isinstance(distance, str):
         _message(right, distance, "Mean attention distance")
