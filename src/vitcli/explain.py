@@ -14,7 +14,13 @@ import torch
 
 from vitcli.attention import HEAD_FUSIONS, AttentionCapture, attention_modules, patch_distances, unfused_attention
 from vitcli.errors import ImageLoadError, NotATransformerError, UsageError
-from vitcli.patches import TokenLayout, describe_tokens, embedding_components, position_similarity
+from vitcli.patches import (
+    TokenLayout,
+    describe_tokens,
+    embedding_components,
+    position_similarity,
+    require_token_model,
+)
 
 DEFAULT_COMPONENTS = 28  # the paper shows the top 28 principal components
 DEFAULT_MAX_IMAGES = 128  # the paper averages mean attention distance over 128 images
@@ -124,20 +130,18 @@ def load_token_model(options: PatchesOptions) -> Any:
     from vitcli.models import load_model, split_name
 
     arch = split_name(options.model)[0]
-    if options.weights is None and timm.is_model(arch):
-        with torch.device("meta"):  # the architecture alone, no memory, no download
-            probe = timm.create_model(arch, pretrained=False)
-        _require_tokens(probe, options.model)
+    if timm.is_model(arch):
+        try:
+            with torch.device("meta"):  # the architecture alone: no memory, no download
+                probe = timm.create_model(arch, pretrained=False)
+        except Exception:  # an architecture that cannot be built on the meta device: the real build decides
+            probe = None
+        if probe is not None:
+            require_token_model(probe, options.model)
     with unfused_attention():
         loaded = load_model(options.model, options.weights, pretrained=options.pretrained, img_size=options.img_size)
-    _require_tokens(loaded.model, options.model)
+    require_token_model(loaded.model, options.model)
     return loaded
-
-
-def _require_tokens(model: torch.nn.Module, name: str) -> None:
-    from vitcli.patches import require_token_model
-
-    require_token_model(model, name)
 
 
 def _check_options(options: PatchesOptions) -> None:
