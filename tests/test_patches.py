@@ -67,6 +67,15 @@ def test_hybrid_cells_have_the_effective_stride():
         embedding_components(loaded.model)
 
 
+def test_hybrid_stride_when_the_input_is_no_multiple_of_it():
+    loaded, t = layout_of("vit_base_r50_s16_224", (72, 100), embed_dim=64, num_heads=2)
+
+    assert t.patch_size == (16, 16) and t.grid == (5, 7)  # ResNet pads: ceil(72 / 16) x ceil(100 / 16)
+    with torch.inference_mode():
+        tokens = loaded.model.forward_features(torch.randn(1, 3, 72, 100))
+    assert tokens.shape[1] == t.sequence_length == 36
+
+
 @pytest.mark.parametrize(("name", "img_size"), [("vit_tiny_patch16_224", (48, 80)),
                                                 ("vit_small_patch14_dinov2", 70)])
 def test_patch_boxes_are_the_true_patch_boundaries(name, img_size):

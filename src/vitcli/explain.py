@@ -106,7 +106,8 @@ def explain_image(image: str, options: PatchesOptions) -> PatchesReport:
     x = eval_transform(loaded.data_config)(load_image(sources[0])).unsqueeze(0)  # (1, C, H, W)
     layout = describe_tokens(model, tuple(x.shape[1:]), loaded.name)
     layers, heads = _selection(options, layout)
-    if options.attention:
+    attention = options.attention or bool(options.layers or options.heads)  # --layer/--head ask for the maps
+    if attention:
         attention_modules(model)  # a family without one token map is refused before anything is drawn
     pixels = figures.display_pixels(x[0], loaded.data_config)  # (H, W, 3) in [0, 1]
     report = PatchesReport(layout=layout, source=sources[0], out_dir=Path(options.out_dir or default_out_dir(image)))
@@ -116,7 +117,7 @@ def explain_image(image: str, options: PatchesOptions) -> PatchesReport:
     if layout.hybrid:
         report.notes.append(f"hybrid: each token is a cell of the ResNet feature map (stride {layout.patch_size[0]} "
                             "px); the cells' receptive fields overlap, so the grid shows strides, not disjoint inputs")
-    if options.attention:
+    if attention:
         _attention_views(model, loaded.labels, x, pixels, layout, layers, heads, options, report)
     if options.figure7:
         _figure7(model, loaded.data_config, sources, pixels, layout, options, report)

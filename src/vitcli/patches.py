@@ -127,7 +127,7 @@ def describe_tokens(model: nn.Module, input_size: tuple[int, int, int], name: st
     channels, height, width = (int(v) for v in input_size)
     embed = model.patch_embed
     hybrid = getattr(embed, "backbone", None) is not None
-    patch = _pair(embed.feat_ratio(as_scalar=False) if hybrid else embed.patch_size)
+    patch = _hybrid_stride(embed) if hybrid else _pair(embed.patch_size)
     grid = token_grid(model, height, width)
     blocks = transformer_blocks(model)
     attn = getattr(blocks[0], "attn", None) if blocks else None
@@ -139,6 +139,16 @@ def describe_tokens(model: nn.Module, input_size: tuple[int, int, int], name: st
                          hierarchical=not isinstance(getattr(model, "blocks", None), nn.Module))
     layout.stages = _stages(model, layout, blocks)
     return layout
+
+
+def _hybrid_stride(embed: nn.Module) -> tuple[int, int]:
+    """Input pixels between neighbouring tokens of a hybrid: the backbone's reduction x the projection's patch."""
+    info = getattr(embed.backbone, "feature_info", None)
+    ph, pw = _pair(embed.patch_size)
+    if info:  # timm's feat_ratio is img_size // feature_size, off by one when the input is no multiple of the stride
+        reduction = int(info[-1]["reduction"])
+        return reduction * ph, reduction * pw
+    return _pair(embed.feat_ratio(as_scalar=False))
 
 
 def _stages(model: nn.Module, t: TokenLayout, blocks: list[nn.Module]) -> list[Stage]:

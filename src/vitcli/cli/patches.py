@@ -35,9 +35,9 @@ def patches(
         "--attention", help="CLS-to-patch attention per layer and head, attention rollout, and top-k predictions.")
     ] = False,
     layer: Annotated[list[int] | None, typer.Option(
-        "--layer", help="Layer(s) to draw with --attention, 1..depth (repeatable; default: all).")] = None,
+        "--layer", help="Layer(s) to draw, 1..depth (repeatable; implies --attention; default: all).")] = None,
     head: Annotated[list[int] | None, typer.Option(
-        "--head", help="Head(s) to draw with --attention, 1..heads (repeatable; default: all).")] = None,
+        "--head", help="Head(s) to draw, 1..heads (repeatable; implies --attention; default: all).")] = None,
     head_fusion: Annotated[HeadFusion, typer.Option(
         "--head-fusion", help="How rollout fuses the heads of a layer (mean is Abnar & Zuidema's).")
     ] = HeadFusion.mean,
