@@ -179,7 +179,7 @@ def save_attention_grid(pixels: np.ndarray, maps: Any, layers: Sequence[int], he
             mosaic[y:y + tile_h, x:x + tile_w] = _blend(pixels, values[i, j], layout, norm, (tile_h, tile_w))
     # inches per tile: large for one map, at most 14 in of tiles across and 18 in down (ViT-B: 12 x 12 tiles)
     tile_in = 5.5 if n_rows * n_cols == 1 else min(1.8, 14.0 / n_cols, 18.0 / (n_rows * h / w))
-    fig = _figure(n_cols * tile_in + 3.2, n_rows * tile_in * h / w + 1.3)
+    fig = _figure(n_cols * tile_in + 3.2, max(n_rows * tile_in * h / w + 1.3, 4.0))  # room for the colour bar
     ax = fig.subplots()
     ax.imshow(mosaic, interpolation="bilinear" if n_rows * n_cols > 1 else "nearest")
     ax.set_xticks([j * (tile_w + gap) + tile_w / 2 for j in range(n_cols)], [f"head {k}" for k in heads])
@@ -191,9 +191,9 @@ def save_attention_grid(pixels: np.ndarray, maps: Any, layers: Sequence[int], he
     for spine in ax.spines.values():
         spine.set_visible(False)
     fig.colorbar(ScalarMappable(norm=norm, cmap=HEAT_CMAP), ax=ax, shrink=0.6 if n_rows > 2 else 0.9,
-                 label="attention / uniform share (1 = spread evenly)")
-    which = f"layer {layers[0]}, head {heads[0]}" if n_rows * n_cols == 1 else \
-        f"layers {_span(layers)} x heads {_span(heads)}"
+                 label="share / uniform share (1 = even)")
+    which = (f"layer{'s' if n_rows > 1 else ''} {_span(layers)}, "
+             f"head{'s' if n_cols > 1 else ''} {_span(heads)}")
     ax.set_title(f"{layout.model}: attention of {source} to each patch\n{which}", fontsize=10)
     return _save(fig, path)
 
@@ -218,7 +218,7 @@ def save_rollout(pixels: np.ndarray, rollout: Any, layout: TokenLayout, head_fus
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(ScalarMappable(norm=norm, cmap=HEAT_CMAP), ax=right, shrink=0.9,
-                 label="rollout / uniform share (1 = spread evenly)")
+                 label="share / uniform share (1 = even)")
     prediction = f"\ntop-1: {top1.label} ({top1.prob:.1%})" if top1 is not None else ""
     fig.suptitle(f"{layout.model}: attention rollout of {source}{prediction}", fontsize=11)
     return _save(fig, path)
