@@ -154,9 +154,10 @@ def mean_attention_distance(attn: torch.Tensor, distances: torch.Tensor, prefix:
     (patch-to-patch weights renormalised to sum to 1, since part of each row goes to prefix tokens),
     averaged over the query patches. Dosovitskiy et al. 2021, Fig. 7 right.
     """
-    a = attn[..., prefix:, prefix:]  # (B, h, N, N)
-    a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    return (a * distances).sum(dim=-1).mean(dim=-1)
+    a = attn[..., prefix:, prefix:]  # (B, h, N, N), a view
+    # einsum instead of (a / rowsum * d).sum(-1): no (B, h, N, N) temporaries at large T
+    weighted = torch.einsum("...qk,qk->...q", a, distances.to(a.dtype))  # (B, h, N)
+    return (weighted / a.sum(dim=-1).clamp_min(1e-12)).mean(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------- capture

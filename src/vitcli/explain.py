@@ -14,6 +14,7 @@ import torch
 
 from vitcli.attention import HEAD_FUSIONS, AttentionCapture, attention_modules, patch_distances, unfused_attention
 from vitcli.errors import ImageLoadError, NotATransformerError, UsageError
+from vitcli.models import LoadedModel
 from vitcli.patches import (
     TokenLayout,
     describe_tokens,
@@ -124,7 +125,7 @@ def explain_image(image: str, options: PatchesOptions) -> PatchesReport:
     return report
 
 
-def load_token_model(options: PatchesOptions) -> Any:
+def load_token_model(options: PatchesOptions) -> LoadedModel:
     """``load_model`` with explicit attention weights; a CNN is refused before any weights are fetched."""
     import timm
 
