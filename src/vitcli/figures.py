@@ -213,7 +213,8 @@ def save_rollout(pixels: np.ndarray, rollout: Any, layout: TokenLayout, head_fus
     left.set_title("model input", fontsize=10)
     right.imshow(_blend(pixels, values, layout, norm, (h, w)), interpolation="nearest")
     discard = f", lowest {discard_ratio:.0%} discarded" if discard_ratio > 0 else ""
-    right.set_title(f"rollout over {layout.depth} layers (heads: {head_fusion}{discard})", fontsize=10)
+    right.set_title(f"rollout over {layout.depth} layers, {layout.grid[0]}x{layout.grid[1]} tokens "
+                    f"(heads: {head_fusion}{discard})", fontsize=10)
     for ax in (left, right):
         ax.set_xticks([])
         ax.set_yticks([])
