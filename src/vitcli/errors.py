@@ -55,6 +55,14 @@ class MissingExtraError(VitcliError):
     """An optional dependency that is not installed."""
 
 
+class NotATransformerError(UsageError):
+    """A model without patch tokens (a CNN) given to a command that explains tokens."""
+
+
+class AttentionUnavailableError(UsageError):
+    """A model whose attention is not one token-to-token map per head (Swin, XCiT, ...)."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (or its type's name): library errors can run to pages."""
     text = str(e).strip().splitlines()

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from vitcli import __version__
-from vitcli.cli import evaluate, finetune, predict, weights
+from vitcli.cli import evaluate, finetune, patches, predict, weights
 
 app = typer.Typer(
     name="vitcli",
@@ -37,6 +37,7 @@ def root(
 app.command("predict")(predict.predict)
 app.command("evaluate")(evaluate.evaluate)
 app.command("finetune")(finetune.finetune)
+app.command("patches")(patches.patches)
 app.add_typer(weights.app, name="weights")
 
 
