@@ -58,7 +58,8 @@ def test_a_folder_skips_unreadable_images_and_says_so(tiny_model_dir, tmp_path):
 def test_deit_rollout_mass_falls_on_the_object(name, tmp_path):
     image = shared("images", name)
 
-    report = explain_image(str(image), deit_options(attention=True, out_dir=tmp_path))
+    # one drawn tile (layer 12, head 1) keeps the test on the rollout, which covers every layer anyway
+    report = explain_image(str(image), deit_options(attention=True, layers=[12], heads=[1], out_dir=tmp_path))
 
     rollout = torch.tensor(report.rollout)  # (14, 14), sums to 1
     inside = box_mask(BOXES[name], report.layout.grid, 16)
