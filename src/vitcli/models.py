@@ -301,13 +301,14 @@ def save_model_folder(model: nn.Module, folder: Path, labels: list[str],
     """
     from timm.models import save_for_hf
 
-    from vitcli.fileio import replace_dir, temp_dir_beside
+    from vitcli.fileio import give_ordinary_permissions, replace_dir, temp_dir_beside
 
     folder = Path(folder)
-    tmp = temp_dir_beside(folder)  # ordinary folder permissions, not mkdtemp's private 0700
+    tmp = temp_dir_beside(folder)
     try:
         save_for_hf(model, tmp, model_config={"label_names": list(labels)},
                     safe_serialization=True, data_config=data_config)
+        give_ordinary_permissions(tmp)  # not mkdtemp's private 0700, nor the 0600 of safetensors' writer
         replace_dir(tmp, folder)  # a complete folder at every instant, even on a second Ctrl-C
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
