@@ -78,7 +78,7 @@ def temp_dir_beside(path: str | Path) -> Path:
 def give_ordinary_permissions(folder: str | Path) -> None:
     """Files and folders under ``folder`` get the modes the umask gives new ones (safetensors writes 0600)."""
     mask = current_umask()
-    for root, dirs, files in os.walk(folder):
+    for root, _dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~mask)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
