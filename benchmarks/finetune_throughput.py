@@ -2,7 +2,7 @@
 
 Both train the same model (deit_tiny_patch16_224, new 2-class head) on the same in-memory batches
 (no decoding, no DataLoader) at the same precision. The vitcli side is the real
-``vitcli.train.train_one_epoch`` with the default recipe (AdamW with layer-wise LR decay, per-step
+``vitcli.finetune.loop.train_one_epoch`` with the default recipe (AdamW with layer-wise LR decay, per-step
 cosine schedule, label smoothing, gradient clipping, the NaN check and the progress callback); the
 bare side is forward, cross-entropy, backward, AdamW step. Rounds alternate between the two and the
 best round of each is reported, to be fair on a machine shared with other work.
@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
 from vitcli.devices import autocast, resolve_device
-from vitcli.train import Dist, FinetuneConfig, build_parts, train_one_epoch
+from vitcli.finetune.config import FinetuneConfig
+from vitcli.finetune.distributed import Dist
+from vitcli.finetune.loop import build_parts, train_one_epoch
 
 MODEL = "deit_tiny_patch16_224"
 NUM_CLASSES = 2
@@ -47,7 +49,7 @@ def bare_round(model, optimizer, batches, device, precision) -> float:
 
 
 def vitcli_round(parts, batches, step: int) -> tuple[float, int]:
-    """img/s of vitcli.train.train_one_epoch over the same batches."""
+    """img/s of vitcli.finetune.loop.train_one_epoch over the same batches."""
     seen = []
     start = time.perf_counter()
     stats = train_one_epoch(parts, batches, num_batches=len(batches), global_step=step,

@@ -59,3 +59,11 @@ def _isolated_store(tmp_path, monkeypatch):
     """Every test sees an empty weights store and no hub, unless it sets its own."""
     monkeypatch.setenv("VITCLI_WEIGHTS", str(tmp_path / "store"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """matplotlib takes half the time of a tiny fit(); only the tests that check the PNGs draw them."""
+    from vitcli.finetune import rundir
+
+    monkeypatch.setattr(rundir, "write_figures", lambda *args: None)

@@ -29,3 +29,33 @@ def test_autocast_precisions_on_cpu():
         autocast(cpu, "fp16")
     with pytest.raises(UsageError, match="unknown --precision"):
         autocast(cpu, "fp8")
+
+
+@pytest.mark.parametrize("native, emulated, expected", [(True, True, "bf16"), (False, True, "fp16"),
+                                                        (False, False, "fp16")],
+                         ids=["ampere-native-bf16", "v100-t4-emulated-bf16", "no-bf16"])
+def test_auto_precision_on_cuda_wants_native_bf16(monkeypatch, native, emulated, expected):
+    """is_bf16_supported() is True on V100/T4, which only emulate bf16: auto must choose fp16 there."""
+    from vitcli.devices import resolve_precision
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return emulated if including_emulation else native
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert resolve_precision("auto", torch.device("cuda")) == expected
+    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
+
+
+def test_fp16_training_gets_timms_grad_scaler():
+    import timm
+    from timm.utils import NativeScaler
+
+    from vitcli.finetune.config import FinetuneConfig
+    from vitcli.finetune.distributed import Dist
+    from vitcli.finetune.loop import build_parts
+
+    model = timm.create_model("test_vit", num_classes=2)
+    cpu = torch.device("cpu")
+    fp16 = build_parts(FinetuneConfig(), model, [1, 1], 2, cpu, "fp16", Dist())  # the scaler, built on any device
+    assert isinstance(fp16.scaler, NativeScaler)
+    assert build_parts(FinetuneConfig(), model, [1, 1], 2, cpu, "bf16", Dist()).scaler is None

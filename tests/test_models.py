@@ -594,3 +594,37 @@ def test_hub_probe_keeps_its_deadline_when_the_dns_lookup_hangs(proxy_env):
     start = time.monotonic()
     assert hub_reachable(timeout=0.5) is False
     assert time.monotonic() - start < 1.5
+
+
+def test_model_folders_are_readable_by_the_team_and_survive_an_interrupted_swap(tmp_path, monkeypatch):
+    """save_model_folder: the umask's permissions (not mkdtemp's 0700), and an old folder is never lost."""
+    import os
+    import stat
+
+    import timm
+
+    from vitcli.models import save_model_folder
+
+    model = timm.create_model("test_vit", num_classes=2)
+    old_mask = os.umask(0o022)
+    try:
+        folder = save_model_folder(model, tmp_path / "best", ["a", "b"])
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o644}
+
+    before = (folder / "model.safetensors").read_bytes()
+    real, calls = Path.rename, []
+
+    def rename(self, target):  # a second Ctrl-C between "best -> .best.old" and ".best.tmp -> best"
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_model_folder(timm.create_model("test_vit", num_classes=2), folder, ["a", "b"])
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]

@@ -50,13 +50,15 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on CPUs with native bf16 and on CUDA devices that have it, else fp16 on CUDA, else fp32."""
+    """``auto``: bf16 on CPUs and CUDA devices with native bf16, fp16 (trained with a GradScaler) on other
+    CUDA devices, else fp32."""
     if precision != "auto":
         if precision == "fp16" and device.type != "cuda":
             raise UsageError("--precision fp16 needs a CUDA device; use bf16 (or fp32) here")
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # V100 and T4 emulate bf16 (slowly): is_bf16_supported() counts that unless told not to
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if device.type == "cpu" and cpu_supports_bf16():
         return "bf16"
     return "fp32"

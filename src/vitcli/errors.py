@@ -5,6 +5,8 @@ Every message says what was wrong and what to do about it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class VitcliError(Exception):
     """A job that could not be done (exit code 1)."""
@@ -61,6 +63,29 @@ class NotATransformerError(UsageError):
 
 class AttentionUnavailableError(UsageError):
     """A model whose attention is not one token-to-token map per head (Swin, XCiT, ...)."""
+
+
+class TrainingInterrupted(VitcliError):
+    """Ctrl-C (or SIGTERM) during fine-tuning: the state was saved and the run can be resumed."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, run_dir: Path, exit_code: int = 130):
+        super().__init__(message)
+        self.run_dir = run_dir
+        self.exit_code = exit_code
+
+
+class NonFiniteLossError(VitcliError):
+    """The training loss became NaN or infinite; the last good state is kept."""
+
+
+class RankFailedError(VitcliError):
+    """Another process of a torchrun job failed; this one stops with that process's error."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def first_line(e: BaseException) -> str:

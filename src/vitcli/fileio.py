@@ -1,22 +1,51 @@
-"""Atomic file writes: a reader never sees half a file, a crash never leaves one."""
+"""Atomic file writes: a reader never sees half a file, a crash never leaves one.
+
+Files and folders written here get the permissions the user's umask gives ordinary ones (not the
+private 0600/0700 of ``tempfile``), so a shared run folder or model store stays readable to the team.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
+import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc on Linux; elsewhere set and restored under a lock)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", **kwargs) -> Iterator[IO]:
-    """Open a temporary file beside ``path``; it replaces ``path`` only if the block succeeds."""
+    """Open a temporary file beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    The result has the mode ``open(path, "w")`` would give it: an existing file's, else 0666 less the umask.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        permissions = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        permissions = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, permissions) if hasattr(os, "fchmod") else os.chmod(tmp, permissions)
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
@@ -34,3 +63,76 @@ def atomic_save_torch(obj: object, path: str | Path) -> None:
 
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
+
+
+def temp_dir_beside(path: str | Path) -> Path:
+    """A new, empty folder next to ``path`` (same file system, so it can be renamed onto it), with the
+    permissions ``mkdir`` would give it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o777 & ~current_umask())
+    return tmp
+
+
+def give_ordinary_permissions(folder: str | Path) -> None:
+    """Files and folders under ``folder`` get the modes the umask gives new ones (safetensors writes 0600)."""
+    mask = current_umask()
+    for root, _dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+def _old(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.old")
+
+
+def recover_dir(folder: str | Path) -> bool:
+    """Undo a ``replace_dir`` cut short between its two renames (a hard kill): the old folder comes back.
+
+    Returns whether anything was recovered.
+    """
+    folder = Path(folder)
+    if not folder.exists() and _old(folder).is_dir():
+        _old(folder).rename(folder)
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT/SIGTERM wait until the block is done (a second Ctrl-C cannot land inside it)."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def replace_dir(new: str | Path, folder: str | Path) -> Path:
+    """Put the complete folder ``new`` at ``folder``, so that a complete ``folder`` exists at every instant
+    that matters: the old one is moved aside, the new one moved in, and only then is the old one deleted.
+
+    Signals are held between the two renames; if anything else stops the second, the old folder is put
+    back, and a hard kill between them is undone by ``recover_dir`` (called here and on --resume).
+    """
+    new, folder = Path(new), Path(folder)
+    old = _old(folder)
+    recover_dir(folder)
+    with _signals_held():
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+            try:
+                new.rename(folder)
+            except BaseException:
+                old.rename(folder)
+                raise
+        else:
+            new.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder

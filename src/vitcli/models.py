@@ -16,7 +16,6 @@ import difflib
 import os
 import re
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -348,20 +347,15 @@ def save_model_folder(model: nn.Module, folder: Path, labels: list[str],
     """
     from timm.models import save_for_hf
 
+    from vitcli.fileio import give_ordinary_permissions, replace_dir, temp_dir_beside
+
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = temp_dir_beside(folder)
     try:
         save_for_hf(model, tmp, model_config={"label_names": list(labels)},
                     safe_serialization=True, data_config=data_config)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
+        give_ordinary_permissions(tmp)  # not mkdtemp's private 0700, nor the 0600 of safetensors' writer
+        replace_dir(tmp, folder)  # a complete folder at every instant, even on a second Ctrl-C
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

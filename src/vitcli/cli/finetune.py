@@ -1,7 +1,8 @@
 """`vitcli finetune`: fine-tune a timm classifier on folders of class folders.
 
-Every option defaults to None here and the core's ``FinetuneConfig`` supplies the value (shown in
---help as ``[default: (...)]``), so ``--resume`` can tell the options given again from the rest.
+Every option defaults to None here and the core's ``FinetuneConfig`` supplies the value (--help shows
+it, read from ``vitcli.finetune.config``, which imports no torch), so ``--resume`` can tell the options
+given again from the rest.
 """
 
 from __future__ import annotations
@@ -13,29 +14,19 @@ from typing import Annotated, Any
 
 import typer
 
-from vitcli.cli._errors import fail, handled_errors
-from vitcli.cli._options import DEFAULT_MODEL, Device, WeightsOpt
+from vitcli.cli._errors import handled_errors
+from vitcli.cli._options import Device, WeightsOpt
+from vitcli.finetune.config import BALANCE_MODES, DEFAULT_MODEL, PRECISIONS, RESUMABLE_OPTIONS, SCHEDULES, default
+
+Balance = Enum("Balance", [(m, m) for m in BALANCE_MODES], type=str)  # type: ignore[misc]
+TrainPrecision = Enum("TrainPrecision", [(p, p) for p in PRECISIONS], type=str)  # type: ignore[misc]
+Schedule = Enum("Schedule", [(s, s) for s in SCHEDULES], type=str)  # type: ignore[misc]
 
 
-class Balance(str, Enum):
-    none = "none"
-    sampler = "sampler"
-    loss = "loss"
-
-
-class TrainPrecision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class Schedule(str, Enum):
-    cosine = "cosine"
-    tanh = "tanh"
-    poly = "poly"
-    wsd = "wsd"
-    constant = "constant"
+def shown(name: str) -> str:
+    """FinetuneConfig's default of ``name`` as --help shows it: on/off for switches."""
+    value = default(name)
+    return "on" if value is True else "off" if value is None or value is False else str(value)
 
 
 def finetune(
@@ -54,97 +45,101 @@ def finetune(
         "--pretrained/--no-pretrained", help="Start from pretrained weights (--no-pretrained: random init).",
         show_default="pretrained")] = None,
     freeze: Annotated[bool | None, typer.Option(
-        "--freeze", help="Train the classifier head only (a linear probe).", show_default="off")] = None,
+        "--freeze", help="Train the classifier head(s) only (a linear probe).", show_default=shown("freeze"))] = None,
     zero_head: Annotated[bool | None, typer.Option(
         "--zero-head/--random-head", help="Start the new classifier head at zero (the ViT paper's fine-tuning) "
-                                          "or from timm's random init.", show_default="on")] = None,
+                                          "or from timm's random init.", show_default=shown("zero_head"))] = None,
     val_split: Annotated[float | None, typer.Option(
         "--val-split", min=0.0, max=1.0, help="Fraction of each class held out for validation when DATA has "
                                               "no val/ folder (stratified, seeded by --seed).",
-        show_default="0.2")] = None,
+        show_default=shown("val_split"))] = None,
     balance: Annotated[Balance | None, typer.Option(
         "--balance", help="Class imbalance: sampler draws classes equally often, loss weights them "
-                          "inversely to their counts.", show_default="none")] = None,
+                          "inversely to their counts.", show_default=shown("balance"))] = None,
     strict: Annotated[bool | None, typer.Option(
-        "--strict", help="Fail on an unreadable image instead of skipping it.", show_default="off")] = None,
+        "--strict", help="Fail on an unreadable image instead of skipping it.", show_default=shown("strict"))] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", "-e", min=1, help="Training epochs.",
-                                               show_default="10")] = None,
+                                               show_default=shown("epochs"))] = None,
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", "-b", min=1, help="Images per step (per process under torchrun).",
-        show_default="32")] = None,
+        show_default=shown("batch_size"))] = None,
     accum_steps: Annotated[int | None, typer.Option(
         "--accum-steps", min=1, help="Gradient accumulation: one optimizer step every N batches.",
-        show_default="1")] = None,
+        show_default=shown("accum_steps"))] = None,
     lr: Annotated[float | None, typer.Option(
         "--lr", min=0.0, help="Peak learning rate (of the head, under --layer-decay).",
-        show_default="0.001")] = None,
+        show_default=shown("lr"))] = None,
     min_lr: Annotated[float | None, typer.Option("--min-lr", min=0.0, help="LR at the end of the schedule.",
-                                                 show_default="1e-06")] = None,
+                                                 show_default=shown("min_lr"))] = None,
     weight_decay: Annotated[float | None, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.",
-                                                       show_default="0.05")] = None,
+                                                       show_default=shown("weight_decay"))] = None,
     layer_decay: Annotated[float | None, typer.Option(
         "--layer-decay", min=0.0, max=1.0, help="Layer-wise LR decay: block i of n gets lr * d**(n-i); "
-                                                "1 turns it off.", show_default="0.65")] = None,
+                                                "1 turns it off.", show_default=shown("layer_decay"))] = None,
     warmup_epochs: Annotated[float | None, typer.Option(
         "--warmup-epochs", min=0.0, help="Linear LR warmup, in epochs (fractions allowed).",
-        show_default="0.5")] = None,
+        show_default=shown("warmup_epochs"))] = None,
     sched: Annotated[Schedule | None, typer.Option(
         "--sched", help="LR schedule (timm.scheduler), updated every optimizer step.",
-        show_default="cosine")] = None,
+        show_default=shown("sched"))] = None,
     opt: Annotated[str | None, typer.Option(
         "--opt", help="Optimizer name from timm.optim (adamw, sgd, lamb, lion, ...).",
-        show_default="adamw")] = None,
+        show_default=shown("opt"))] = None,
     label_smoothing: Annotated[float | None, typer.Option(
         "--label-smoothing", min=0.0, max=0.99, help="Label smoothing of the cross-entropy.",
-        show_default="0.1")] = None,
+        show_default=shown("label_smoothing"))] = None,
     clip_grad: Annotated[float | None, typer.Option(
-        "--clip-grad", min=0.0, help="Clip the gradient norm to this (0: off).", show_default="1.0")] = None,
+        "--clip-grad", min=0.0, help="Clip the gradient norm to this (0: off).",
+        show_default=shown("clip_grad"))] = None,
     drop_path: Annotated[float | None, typer.Option(
-        "--drop-path", min=0.0, max=0.9, help="Stochastic depth rate.", show_default="0.1")] = None,
+        "--drop-path", min=0.0, max=0.9, help="Stochastic depth rate.", show_default=shown("drop_path"))] = None,
     scale_min: Annotated[float | None, typer.Option(
         "--scale-min", min=0.01, max=1.0, help="RandomResizedCrop keeps between this fraction of the image "
-                                               "area and all of it.", show_default="0.35")] = None,
+                                               "area and all of it.", show_default=shown("scale_min"))] = None,
     color_jitter: Annotated[float | None, typer.Option(
-        "--color-jitter", min=0.0, help="Colour jitter strength (0: off).", show_default="0.0")] = None,
+        "--color-jitter", min=0.0, help="Colour jitter strength (0: off).", show_default=shown("color_jitter"))] = None,
     randaugment: Annotated[str | None, typer.Option(
         "--randaugment", help="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1.",
-        show_default="off")] = None,
+        show_default=shown("randaugment"))] = None,
     mixup: Annotated[float | None, typer.Option(
-        "--mixup", min=0.0, help="Mixup alpha (e.g. 0.8; 0: off).", show_default="0.0")] = None,
+        "--mixup", min=0.0, help="Mixup alpha (e.g. 0.8; 0: off).", show_default=shown("mixup"))] = None,
     cutmix: Annotated[float | None, typer.Option(
-        "--cutmix", min=0.0, help="CutMix alpha (e.g. 1.0; 0: off).", show_default="0.0")] = None,
+        "--cutmix", min=0.0, help="CutMix alpha (e.g. 1.0; 0: off).", show_default=shown("cutmix"))] = None,
     ema: Annotated[bool | None, typer.Option(
         "--ema/--no-ema", help="Evaluate and save an exponential moving average of the weights.",
-        show_default="on")] = None,
+        show_default=shown("ema"))] = None,
     ema_decay: Annotated[float | None, typer.Option(
         "--ema-decay", min=0.0, max=1.0, help="EMA decay, reached after a warmup.",
-        show_default="0.998")] = None,
+        show_default=shown("ema_decay"))] = None,
     precision: Annotated[TrainPrecision | None, typer.Option(
-        "--precision", help="auto: bf16 on CPUs with AVX512-BF16/AMX and on recent GPUs, fp16 (with loss "
-                            "scaling) on older GPUs, else fp32.", show_default="auto")] = None,
+        "--precision", help="auto: bf16 on CPUs with AVX512-BF16/AMX and on GPUs with native bf16 (Ampere and "
+                            "newer), fp16 with loss scaling on other GPUs (V100, T4), else fp32.",
+        show_default=shown("precision"))] = None,
     device: Annotated[Device | None, typer.Option(
         "--device", help="Where to train: auto picks cuda, then mps, then cpu (torchrun: one GPU per process).",
-        show_default="auto")] = None,
+        show_default=shown("device"))] = None,
     workers: Annotated[int | None, typer.Option(
         "--workers", "-j", min=0, help="DataLoader worker processes.", show_default="CPU cores, at most 4")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the split, the order and augmentation.",
-                                             show_default="0")] = None,
+                                             show_default=shown("seed"))] = None,
     patience: Annotated[int | None, typer.Option(
         "--patience", min=1, help="Stop after this many epochs without improvement (a higher val top-1, "
                                   "or the same at a lower val loss).",
-        show_default="off")] = None,
+        show_default=shown("patience"))] = None,
     max_steps: Annotated[int | None, typer.Option(
         "--max-steps", min=1, help="Stop after this many optimizer steps in total (smoke runs).",
-        show_default="off")] = None,
+        show_default=shown("max_steps"))] = None,
     project: Annotated[Path | None, typer.Option(
-        "--project", help="Where run folders are made.", show_default="runs/finetune")] = None,
+        "--project", help="Where run folders are made.", show_default=shown("project"))] = None,
     name: Annotated[str | None, typer.Option(
         "--name", help="Run folder name; numbered NAME2, NAME3, ... if it exists.", show_default="exp")] = None,
     exist_ok: Annotated[bool | None, typer.Option(
-        "--exist-ok", help="Reuse PROJECT/NAME instead of numbering a new folder.", show_default="off")] = None,
+        "--exist-ok", help="Reuse PROJECT/NAME instead of numbering a new folder; the previous run's files "
+                           "in it (state.pt, best/, last/, ...) are removed first.",
+        show_default=shown("exist_ok"))] = None,
     resume: Annotated[Path | None, typer.Option(
-        "--resume", help="Continue a run folder from its state.pt with its saved options; only --epochs, "
-                         "--max-steps, --patience, --workers and --device may change.",
+        "--resume", help="Continue a run folder from its state.pt with its saved options (from any directory); "
+                         f"only {', '.join('--' + o.replace('_', '-') for o in RESUMABLE_OPTIONS)} may change.",
         show_default=False)] = None,
 ) -> None:
     """Fine-tune a pretrained classifier (a ViT by default) on folders of class folders.
@@ -168,19 +163,11 @@ def finetune(
 
 def _run(given: dict[str, Any]) -> None:
     from vitcli.console import err
-    from vitcli.train import FinetuneConfig, TrainingInterrupted, fit, resume_config
+    from vitcli.errors import TrainingInterrupted
+    from vitcli.finetune.config import from_cli
+    from vitcli.finetune.loop import fit
 
-    given = {k: v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v
-             for k, v in given.items()}
-    if "clip_grad" in given and not given["clip_grad"]:
-        given["clip_grad"] = None  # --clip-grad 0
-    resume = given.pop("resume", None)
-    if resume is not None:
-        config = resume_config(resume, **given)
-    elif "data" not in given:
-        raise fail("missing DATA: give a folder of class folders (or --resume runs/finetune/NAME)", 2)
-    else:
-        config = FinetuneConfig(**given)
+    config = from_cli(given)
     view = _View()
     try:
         result = fit(config, view)
@@ -283,13 +270,14 @@ class _View:
         self.close()
         row = info["row"]
         table = Table(header_style="bold", show_edge=False)
-        for column in ("epoch", "loss", "val loss", "top-1", "top-5", "lr", "time", "img/s", ""):
+        top5 = "val_top5" in row  # only with more than 5 classes: else every image is in the top 5
+        for column in ("epoch", "loss", "val loss", "top-1", *(["top-5"] if top5 else []), "lr", "time", "img/s", ""):
             table.add_column(column, justify="right")
         mark = "[green]best[/]" if info["best"] else ""
         if not info["best"] and info["patience"]:
             mark = f"[dim]{info['bad_epochs']}/{info['patience']} without improvement[/]"
         table.add_row(f"{row['epoch']}/{info['epochs']}", f"{row['train_loss']:.4f}", f"{row['val_loss']:.4f}",
-                      f"{row['val_top1']:.2%}", f"{row['val_top5']:.2%}", f"{row['lr']:.2e}",
+                      f"{row['val_top1']:.2%}", *([f"{row['val_top5']:.2%}"] if top5 else []), f"{row['lr']:.2e}",
                       f"{row['epoch_time']:.0f}s", f"{row['img_s']:.1f}", mark)
         err.print(table)
 

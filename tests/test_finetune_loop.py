@@ -1,50 +1,26 @@
-"""vitcli.train: data layouts and errors, the run folder, resume, NaN, --img-size, the recipe pieces."""
+"""vitcli.finetune.loop: fit() end to end: the run folder, resume, NaN, --img-size, heads, the recipe."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
-import os
-import signal
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import DEIT_WEIGHTS, make_image, shared
-from vitcli import train
+from _finetune import SMALL, Recorder, class_folders, config
+from conftest import DEIT_WEIGHTS, shared
 from vitcli.datasets import FolderData
-from vitcli.errors import DatasetError, UsageError, VitcliError
-from vitcli.train import (
-    STATE_FILE,
-    Dist,
-    EpochSampler,
-    FinetuneConfig,
-    NonFiniteLossError,
-    TrainingInterrupted,
-    fit,
-    resume_config,
-    rng_state,
-    set_rng_state,
-)
+from vitcli.errors import NonFiniteLossError, TrainingInterrupted, UsageError, VitcliError
+from vitcli.finetune import loop
+from vitcli.finetune.config import STATE_FILE, FinetuneConfig, resume_config
+from vitcli.finetune.loop import fit
+from vitcli.finetune.rundir import write_figures as WRITE_FIGURES
 
-SMALL = 64  # train test_vit at 64x64 (pos_embed resampled from its 160): fast on two cores
-WRITE_FIGURES = train._write_figures
-
-
-@pytest.fixture(autouse=True)
-def _no_figures(monkeypatch):
-    """matplotlib takes half the time of a tiny fit(); only the tests that check the PNGs draw them."""
-    monkeypatch.setattr(train, "_write_figures", lambda *args: None)
-
-
-def class_folders(root: Path, counts: dict[str, int], ext: str = "png", seed: int = 0) -> Path:
-    """root/<class>/<i>.<ext> random-noise images."""
-    for c, (name, n) in enumerate(counts.items()):
-        for i in range(n):
-            make_image(root / name / f"{i}.{ext}", size=(40, 32), seed=seed + 100 * c + i)
-    return root
+pytestmark = pytest.mark.usefixtures("no_figures")
 
 
 @pytest.fixture
@@ -53,38 +29,16 @@ def data(tmp_path) -> Path:
     return class_folders(tmp_path / "data", {"ants": 8, "bees": 8})
 
 
-def config(tmp_path: Path, data: Path, model: Path, **overrides) -> FinetuneConfig:
-    base = {"data": str(data), "model": str(model), "img_size": SMALL, "epochs": 1, "batch_size": 4,
-            "workers": 0, "precision": "fp32", "project": str(tmp_path / "runs"), "warmup_epochs": 0.5}
-    return FinetuneConfig(**(base | overrides))
-
-
-class Recorder:
-    """A fit() callback that keeps the events (and can raise a signal at a chosen one)."""
-
-    def __init__(self, signal_at: tuple[str, int] | None = None):
-        self.events: list[tuple[str, dict]] = []
-        self.signal_at = signal_at
-
-    def __call__(self, event: str, info: dict) -> None:
-        self.events.append((event, info))
-        if self.signal_at is None:
-            return
-        kind, n = self.signal_at
-        if event == kind and (info.get("global_step") == n or info.get("row", {}).get("epoch") == n):
-            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does: fit() stops at the next step boundary
-
-    def first(self, event: str) -> dict:
-        return next(info for e, info in self.events if e == event)
-
-
 # ---------------------------------------------------------------------------------- the run folder
 
 
 def test_fit_writes_a_complete_run_folder(tmp_path, data, tiny_model_dir, monkeypatch):
     import timm
 
-    monkeypatch.setattr(train, "_write_figures", WRITE_FIGURES)
+    from vitcli.finetune import rundir
+
+    monkeypatch.setattr(rundir, "write_figures", WRITE_FIGURES)
+
     record = Recorder()
     result = fit(config(tmp_path, data, tiny_model_dir, epochs=2), record)
 
@@ -96,7 +50,9 @@ def test_fit_writes_a_complete_run_folder(tmp_path, data, tiny_model_dir, monkey
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "epoch_time", "img_s"}
+    # 2 classes: no top-5 (every image is in the top 5), in the rows, metrics.csv or the table
+    assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "val_top1", "lr", "epoch_time", "img_s"}
+    assert "val_top5" not in result.rows[0]
     args = json.loads((run / "args.json").read_text())
     assert args["config"]["epochs"] == 2 and args["resolved"]["arch"] == "test_vit"
     split = FolderData.load(run / "split.json")
@@ -115,111 +71,6 @@ def test_fit_writes_a_complete_run_folder(tmp_path, data, tiny_model_dir, monkey
     assert start["train_counts"] == [6, 6] and start["val_counts"] == [2, 2]
     steps = [info for e, info in record.events if e == "step"]
     assert len(steps) == 6 and steps[-1]["global_step"] == 6 and math.isfinite(steps[0]["loss"])
-
-
-def test_run_folders_are_numbered_unless_named(tmp_path):
-    from vitcli.train import _new_run_dir
-
-    project = str(tmp_path / "runs")
-    assert [_new_run_dir(FinetuneConfig(project=project)).name for _ in range(3)] == ["exp", "exp2", "exp3"]
-    assert _new_run_dir(FinetuneConfig(project=project, name="ants")).name == "ants"
-    assert _new_run_dir(FinetuneConfig(project=project, name="ants")).name == "ants2"
-    assert _new_run_dir(FinetuneConfig(project=project, name="ants", exist_ok=True)).name == "ants"
-
-
-# ------------------------------------------------------------------------------------ data layouts
-
-
-def test_train_val_layout_maps_classes_by_name(tmp_path, tiny_model_dir):
-    root = tmp_path / "data"
-    class_folders(root / "train", {"ants": 4, "bees": 4, "wasps": 4})
-    class_folders(root / "valid", {"wasps": 2, "ants": 2}, seed=50)  # no bees in val
-    class_folders(root / "test", {"ants": 1, "bees": 1})  # left for `vitcli evaluate`
-    record = Recorder()
-    result = fit(config(tmp_path, root, tiny_model_dir, max_steps=1), record)
-    split = FolderData.load(result.run_dir / "split.json")
-    assert split.layout == "train/val" and split.classes == ["ants", "bees", "wasps"]
-    assert {Path(p).parts[-3] for p, _ in split.val} == {"valid"}
-    assert all(Path(p).parts[-2] == split.classes[t] for p, t in split.train + split.val)
-    assert any("bees" in w for w in record.first("start")["warnings"])
-
-
-@pytest.mark.parametrize("layout, message", [
-    ({"train/ants": 3, "train/bees": 3, "val/ants": 1, "val/wasps": 1}, r"val class\(es\) not in train: wasps"),
-    ({"ants": 3, "bees": 0}, "with no images in .*: bees"),
-    ({"ants": 4}, "single class"),
-    ({"ants": 0, "bees": 0}, "no images"),
-])
-def test_data_errors_come_before_any_training(tmp_path, tiny_model_dir, layout, message):
-    root = tmp_path / "data"
-    root.mkdir()
-    for folder, n in layout.items():
-        (root / folder).mkdir(parents=True)
-        for i in range(n):
-            make_image(root / folder / f"{i}.png", size=(40, 32), seed=i)
-    with pytest.raises(DatasetError, match=message):
-        fit(config(tmp_path, root, tiny_model_dir))
-    assert not (tmp_path / "runs").exists()
-
-
-def test_missing_data_folder(tmp_path, tiny_model_dir):
-    with pytest.raises(DatasetError, match="does not exist"):
-        fit(config(tmp_path, tmp_path / "nope", tiny_model_dir))
-
-
-def test_unreadable_files_are_skipped_once_or_fatal_with_strict(tmp_path, data, tiny_model_dir):
-    (data / "ants" / "broken.jpg").write_bytes(b"not a jpeg at all")
-    (data / "bees" / "empty.png").write_bytes(b"")
-    record = Recorder()
-    result = fit(config(tmp_path, data, tiny_model_dir, max_steps=1), record)
-    skipped = record.first("start")["skipped"]
-    assert sorted(Path(p).name for p, _ in skipped) == ["broken.jpg", "empty.png"]
-    split = FolderData.load(result.run_dir / "split.json")
-    assert not any(p.endswith(("broken.jpg", "empty.png")) for p, _ in split.train + split.val)
-    with pytest.raises(DatasetError, match="--strict"):
-        fit(config(tmp_path, data, tiny_model_dir, strict=True))
-
-
-def test_imbalance_is_reported_and_can_be_balanced(tmp_path, tiny_model_dir):
-    import timm
-
-    from vitcli.train import build_parts
-
-    root = class_folders(tmp_path / "data", {"common": 20, "rare": 5})
-    record = Recorder()
-    fit(config(tmp_path, root, tiny_model_dir, max_steps=1), record)
-    start = record.first("start")
-    assert start["train_counts"] == [16, 4]
-    assert any("--balance" in w for w in start["warnings"])
-    model = timm.create_model("test_vit", num_classes=2)
-    parts = build_parts(FinetuneConfig(balance="loss"), model, [16, 4], 5, torch.device("cpu"), "fp32", Dist())
-    assert parts.loss_fn.weight.tolist() == [20 / 32, 20 / 8]  # inverse frequency, mean 1
-
-
-def test_weighted_sampler_draws_classes_equally():
-    targets = [0] * 90 + [1] * 10
-    weights = torch.tensor([1 / 90 if t == 0 else 1 / 10 for t in targets], dtype=torch.float64)
-    sampler = EpochSampler(len(targets), shuffle=True, weights=weights, seed=0)
-    drawn = [targets[i] for i in sampler]
-    assert len(drawn) == 100 and 35 <= sum(drawn) <= 65
-
-
-def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_shards_ranks():
-    a, b = EpochSampler(10, shuffle=True, seed=1), EpochSampler(10, shuffle=True, seed=1)
-    a.set_epoch(3)
-    b.set_epoch(3)
-    assert list(a) == list(b) and sorted(a) == list(range(10))
-    b.set_epoch(4)
-    assert list(a) != list(b)
-    b.set_epoch(3, start=4)
-    assert list(b) == list(a)[4:]
-    ranks = [EpochSampler(10, shuffle=True, seed=1, dist=Dist(r, r, 2)) for r in range(2)]
-    for s in ranks:
-        s.set_epoch(3)
-    assert len(ranks[0]) == len(ranks[1]) == 5
-    assert sorted(list(ranks[0]) + list(ranks[1])) == list(range(10))
-    val = [EpochSampler(5, shuffle=False, dist=Dist(r, r, 2), pad=False) for r in range(2)]
-    assert sorted(list(val[0]) + list(val[1])) == list(range(5))  # no duplicates in evaluation
 
 
 # ------------------------------------------------------------------------------------------ resume
@@ -307,35 +158,13 @@ def test_resume_with_more_epochs_stretches_the_schedule(tmp_path, data, tiny_mod
     assert lrs[0] > 10 * FinetuneConfig.min_lr  # the cosine now spans 2 epochs: step 4 is mid-schedule
 
 
-def test_resume_refuses_changed_options_and_allows_more_epochs(tmp_path, data, tiny_model_dir):
-    run = fit(config(tmp_path, data, tiny_model_dir, max_steps=1)).run_dir
-    with pytest.raises(UsageError, match="--lr cannot change"):
-        resume_config(run, lr=0.1)
-    with pytest.raises(UsageError, match="trained on"):
-        resume_config(run, data=str(tmp_path))
-    assert resume_config(run, epochs=5, data=str(data)).epochs == 5
-    with pytest.raises(UsageError, match="not a finetune run folder"):
-        resume_config(tmp_path)
-
-
-def test_rng_state_survives_weights_only_load(tmp_path):
-    import random
-
-    import numpy as np
-
-    torch.save(rng_state(), tmp_path / "rng.pt")
-    expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
-
-
 def test_patience_stops_early(tmp_path, data, tiny_model_dir):
     result = fit(config(tmp_path, data, tiny_model_dir, epochs=6, patience=1, lr=1e-9, warmup_epochs=0))
     assert result.stopped == "patience" and result.epochs_done == 2
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path, data, tiny_model_dir, monkeypatch):
-    build = train.build_parts
+    build = loop.build_parts
 
     def poisoned(*args, **kwargs):
         parts = build(*args, **kwargs)
@@ -349,7 +178,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path, data, tiny_model
         parts.loss_fn = nan_in_epoch_2
         return parts
 
-    monkeypatch.setattr(train, "build_parts", poisoned)
+    monkeypatch.setattr(loop, "build_parts", poisoned)
     with pytest.raises(NonFiniteLossError, match="loss became nan .*last good state") as info:
         fit(config(tmp_path, data, tiny_model_dir, epochs=2))
     assert info.value.exit_code == 1
@@ -384,7 +213,7 @@ def test_img_size_resamples_pos_embed_and_predicts_at_the_new_size(tmp_path, dat
 
 def test_a_new_head_starts_at_zero_and_a_matching_one_is_kept(tiny_model_dir):
     from conftest import TINY_LABELS
-    from vitcli.train import build_model
+    from vitcli.finetune.model import build_model
 
     new = build_model(FinetuneConfig(model=str(tiny_model_dir), img_size=SMALL), ["ants", "bees"]).model
     assert not new.head.weight.any() and not new.head.bias.any()
@@ -450,3 +279,70 @@ def test_hymenoptera_default_recipe_reaches_95_percent_in_3_epochs(tmp_path):
     top1 = [round(r["val_top1"], 4) for r in result.rows]
     print(f"val top-1 per epoch: {top1}; train img/s: {[round(r['img_s'], 1) for r in result.rows]}")
     assert result.best_top1 >= 0.95, top1
+
+
+def test_distilled_deit_trains_both_heads(tmp_path, data):
+    """timm's get_classifier() is (head, head_dist) for distilled models: zero-init, --freeze and the LR cover both."""
+    import timm
+
+    from vitcli.finetune.loop import build_parts, classifier_heads
+    from vitcli.finetune.model import build_model
+    from vitcli.models import save_model_folder
+
+    torch.manual_seed(0)
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=SMALL,
+                                  num_classes=3, depth=2)
+    folder = save_model_folder(distilled, tmp_path / "distilled", ["a", "b", "c"])
+    cfg = config(tmp_path, data, folder)
+    model = build_model(cfg, ["ants", "bees"]).model
+    assert len(classifier_heads(model)) == 2
+    assert not any(p.any() for head in (model.head, model.head_dist) for p in head.parameters())
+
+    parts = build_parts(cfg, model, [6, 6], 3, torch.device("cpu"), "fp32", loop.Dist())
+    lr_of = {id(p): group["lr"] for group in parts.optimizer.param_groups for p in group["params"]}
+    assert lr_of[id(model.head_dist.weight)] == lr_of[id(model.head.weight)] == loop.current_lr(parts.optimizer)
+
+    result = fit(config(tmp_path, data, folder, freeze=True, max_steps=2, lr=1e-2))
+    before = timm.create_model(f"local-dir:{folder}", pretrained=True).state_dict()
+    after = result.model.state_dict()
+    assert after["head_dist.weight"].any() and after["head.weight"].any()  # both heads learned
+    moved = [k for k in after if not k.startswith(("head.", "head_dist.")) and not torch.equal(before[k], after[k])]
+    assert moved == []  # the backbone stayed frozen
+
+
+class Logits(torch.nn.Module):
+    """A 'model' whose input is already its logits: evaluate() on chosen scores."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_evaluate_reports_top5_only_above_5_classes():
+    from vitcli.finetune.loop import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(40, 8, generator=g), torch.randint(0, 8, (40,), generator=g)
+    batches = [(logits[:16], targets[:16]), (logits[16:], targets[16:])]
+    metrics = evaluate(Logits(), batches, 8, torch.device("cpu"))
+    ranks = (logits > logits.gather(1, targets[:, None])).sum(dim=1)  # classes scored above the true one
+    assert metrics["val_top1"] == pytest.approx((ranks == 0).float().mean().item())
+    assert metrics["val_top5"] == pytest.approx((ranks < 5).float().mean().item())
+    assert metrics["confusion"].sum() == 40 and metrics["confusion"].trace() == (ranks == 0).sum()
+
+    two = evaluate(Logits(), [(logits[:, :2], targets % 2)], 2, torch.device("cpu"))
+    assert "val_top5" not in two and 0 <= two["val_top1"] <= 1
+
+
+def test_resume_works_from_another_directory(tmp_path, tiny_model_dir, monkeypatch):
+    """A run started with relative paths (data, model folder, project) resumes from anywhere."""
+    work = tmp_path / "work"
+    class_folders(work / "data", {"ants": 6, "bees": 6})
+    shutil.copytree(tiny_model_dir, work / "model")
+    monkeypatch.chdir(work)
+    run = fit(config(tmp_path, "data", "model", project="runs", epochs=2, max_steps=1)).run_dir
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    resumed = fit(resume_config(work / run))
+    assert resumed.stopped == "done" and resumed.global_step == 4 and resumed.run_dir == work / run
+    assert not (elsewhere / "runs").exists()

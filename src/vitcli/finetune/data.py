@@ -1,0 +1,85 @@
+"""The run's data: the layout found once, every image checked once (shared by the ranks), the DataLoaders."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitcli.batching import default_workers
+from vitcli.datasets import FolderData, LabeledImages, discover, drop_unreadable
+from vitcli.errors import DatasetError
+from vitcli.finetune.config import FinetuneConfig
+from vitcli.finetune.distributed import Dist, on_every_rank, on_rank0
+from vitcli.finetune.sampling import EpochSampler, seed_worker
+
+IMBALANCE_HINT_RATIO = 3.0  # max/min images per class above which a --balance hint is given
+
+
+def prepare_data(config: FinetuneConfig, dist: Dist) -> FolderData:
+    """discover() the layout (rank 0; absolute paths), then decode every image once, each rank a slice:
+    unreadable ones are skipped (or fatal with --strict). Every rank gets the same FolderData."""
+    data = on_rank0(lambda: discover(os.path.abspath(Path(config.data).expanduser()), val_split=config.val_split,
+                                     seed=config.seed), dist)
+    samples = data.train + data.val
+    mine = samples[dist.rank :: dist.world]
+    skipped_by_rank = on_every_rank(lambda: drop_unreadable(mine, strict=config.strict)[1], dist)
+    reasons = {path: reason for skipped in skipped_by_rank for path, reason in skipped}
+    data.train = [s for s in data.train if s[0] not in reasons]
+    data.val = [s for s in data.val if s[0] not in reasons]
+    data.skipped = [(path, reasons[path]) for path, _ in samples if path in reasons]
+    empty = [c for c, n in zip(data.classes, data.counts("train"), strict=True) if n == 0]
+    if empty:
+        raise DatasetError(f"class(es) with no readable training images: {', '.join(empty)}")
+    if not data.val:
+        raise DatasetError(f"no readable validation images in '{config.data}'")
+    return data
+
+
+def check_files_exist(data: FolderData) -> None:
+    """A resumed run needs every image of its saved split."""
+    missing = [p for p, _ in data.train + data.val if not Path(p).is_file()]
+    if missing:
+        raise DatasetError(f"{len(missing)} image(s) of the saved split are gone (first: {missing[0]}); "
+                           "the run cannot be resumed on changed data")
+
+
+def data_warnings(data: FolderData, config: FinetuneConfig) -> list[str]:
+    warnings = list(data.warnings)
+    counts = data.counts("train")
+    if config.balance == "none" and min(counts) and max(counts) / min(counts) > IMBALANCE_HINT_RATIO:
+        warnings.append(f"classes are imbalanced (largest/smallest = {max(counts) / min(counts):.1f}); "
+                        "consider --balance sampler or --balance loss")
+    return warnings
+
+
+def make_loaders(config: FinetuneConfig, data: FolderData, data_config: dict[str, Any], device: torch.device,
+                 dist: Dist) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader, EpochSampler]:
+    """Train (augmented, seeded, this rank's share) and val loaders, and the train sampler."""
+    from vitcli.data import eval_transform, train_transform
+
+    train_tf = train_transform(data_config, scale=(config.scale_min, 1.0), color_jitter=config.color_jitter,
+                               auto_augment=config.randaugment or None)
+    weights = None
+    if config.balance == "sampler":
+        counts = data.counts("train")
+        weights = torch.tensor([1.0 / counts[t] for _, t in data.train], dtype=torch.float64)
+    sampler = EpochSampler(len(data.train), shuffle=True, weights=weights, seed=config.seed, dist=dist)
+    workers = config.workers if config.workers is not None else default_workers(dist.world)
+    # full batches only (BatchNorm needs more than one sample), unless the data is smaller than a batch
+    drop_last = sampler.share() >= config.batch_size
+    # forked workers inherit the stop-on-signal handler, so Ctrl-C doesn't kill them mid-epoch
+    fork = workers > 0 and sys.platform == "linux"
+    common = {"num_workers": workers, "pin_memory": device.type == "cuda", "worker_init_fn": seed_worker,
+              "multiprocessing_context": "fork" if fork else None}
+    train = torch.utils.data.DataLoader(LabeledImages(data.train, train_tf), batch_size=config.batch_size,
+                                        sampler=sampler, drop_last=drop_last, generator=torch.Generator(),
+                                        **common)
+    val_sampler = EpochSampler(len(data.val), shuffle=False, dist=dist, pad=False)
+    val = torch.utils.data.DataLoader(LabeledImages(data.val, eval_transform(data_config)),
+                                      batch_size=config.batch_size, sampler=val_sampler,
+                                      generator=torch.Generator(), **common)
+    return train, val, sampler

@@ -1,0 +1,428 @@
+"""The fine-tuning loop, top to bottom: build the parts, train one epoch, evaluate, and ``fit`` a whole run.
+
+The recipe is timm's: ``create_optimizer_v2`` (AdamW with layer-wise LR decay), ``create_scheduler_v2``
+(cosine with warmup, updated every optimizer step), ``Mixup`` + ``SoftTargetCrossEntropy``, ``ModelEmaV3``,
+``NativeScaler`` (fp16 loss scaling) and ``dispatch_clip_grad``.
+
+Resume (see ``rundir``): an epoch's sample order is a function of (seed, epoch) and the RNG states are
+saved, so a run resumed mid-epoch on one process with ``workers=0`` ends with bit-identical weights.
+
+Distributed: under ``torchrun`` (RANK/LOCAL_RANK/WORLD_SIZE set) one process per device trains a
+DistributedDataParallel copy; only rank 0 writes files and calls the callback. A failure on any rank
+stops every rank with that error (see ``vitcli.finetune.distributed``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitcli.datasets import FolderData
+from vitcli.devices import autocast, resolve_precision
+from vitcli.errors import NonFiniteLossError
+from vitcli.finetune import rundir
+from vitcli.finetune.config import STATE_FILE, FinetuneConfig, absolute_paths, check_config
+from vitcli.finetune.data import check_files_exist, data_warnings, make_loaders, prepare_data
+from vitcli.finetune.distributed import (
+    Dist,
+    all_reduce,
+    any_rank,
+    close_distributed,
+    init_distributed,
+    on_rank0,
+    share_step,
+)
+from vitcli.finetune.model import build_model, classifier_heads, model_data_config
+from vitcli.finetune.rundir import RunResult
+from vitcli.finetune.sampling import epoch_seed, seed_everything, set_rng_state
+from vitcli.finetune.stop import interrupted, non_finite, stop_on_signals
+
+TOP_K = 5  # the second accuracy reported, where there are more than K classes (else it is always 100%)
+
+Callback = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class TrainParts:
+    """Everything one optimizer step touches."""
+
+    model: nn.Module  # what runs forward: the DDP wrapper under torchrun, else the model itself
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    device: torch.device
+    precision: str  # fp32, bf16 or fp16
+    scheduler: Any = None  # a timm Scheduler, stepped per optimizer update
+    scaler: Any = None  # timm.utils.NativeScaler (a torch GradScaler), fp16 only
+    ema: Any = None  # timm.utils.ModelEmaV3
+    mixup: Any = None  # timm.data.Mixup
+    accum_steps: int = 1
+    clip_grad: float | None = None
+    freeze: bool = False
+    num_classes: int = 0
+    label_smoothing: float = 0.0
+    dist: Dist = Dist()
+
+    @property
+    def raw_model(self) -> nn.Module:
+        return getattr(self.model, "module", self.model)
+
+    @property
+    def saved_model(self) -> nn.Module:
+        """What is evaluated and saved: the EMA weights when --ema."""
+        return self.ema.module if self.ema is not None else self.raw_model
+
+
+# ------------------------------------------------------------------------------------ the recipe
+
+
+def build_parts(config: FinetuneConfig, model: nn.Module, counts: list[int], steps_per_epoch: int,
+                device: torch.device, precision: str, dist: Dist) -> TrainParts:
+    """Optimizer, schedule, loss, mixup, EMA, loss scaling and (under torchrun) the DDP wrapper, all from timm."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3, NativeScaler
+
+    if config.freeze:
+        head_params = {id(p) for head in classifier_heads(model) for p in head.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head_params)
+    layer_decay = config.layer_decay if config.layer_decay not in (None, 1.0) and not config.freeze else None
+    optimizer = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay,
+                                    layer_decay=layer_decay)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=config.sched, num_epochs=config.epochs, warmup_epochs=config.warmup_epochs,
+        warmup_lr=config.lr * 1e-2, min_lr=config.min_lr, step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch)
+    num_classes = len(counts)
+    mixup = None
+    if config.mixup > 0 or config.cutmix > 0:
+        mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
+                      label_smoothing=config.label_smoothing, num_classes=num_classes)
+        loss_fn: nn.Module = SoftTargetCrossEntropy()
+    else:
+        weight = None
+        if config.balance == "loss":  # inverse frequency, mean 1 over the classes
+            weight = torch.tensor([sum(counts) / (num_classes * max(c, 1)) for c in counts], device=device)
+        loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema else None
+    forward_model = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        forward_model = DistributedDataParallel(model, device_ids=ids)
+    scaler = NativeScaler(device=device.type) if precision == "fp16" else None
+    return TrainParts(model=forward_model, optimizer=optimizer, loss_fn=loss_fn, device=device,
+                      precision=precision, scheduler=scheduler, scaler=scaler, ema=ema, mixup=mixup,
+                      accum_steps=config.accum_steps, clip_grad=config.clip_grad, freeze=config.freeze,
+                      num_classes=num_classes, label_smoothing=config.label_smoothing, dist=dist)
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The largest LR of the param groups (the head's, under layer decay)."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+# ---------------------------------------------------------------------------- train / evaluate
+
+
+def train_one_epoch(
+    parts: TrainParts,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    num_batches: int,
+    global_step: int = 0,
+    start_batch: int = 0,
+    max_steps: int | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """One pass over ``batches`` (batch ``start_batch`` onwards of ``num_batches``).
+
+    Returns the epoch's metrics (train_loss, images, train_time, img_s, lr) and where it ended:
+    ``global_step``, ``batch`` (batches consumed in this epoch) and ``stopped`` (None when the epoch
+    finished, else "max_steps" or "interrupt"; either happens right after an optimizer step).
+    """
+    from timm.utils import dispatch_clip_grad
+
+    model, optimizer, accum = parts.model, parts.optimizer, parts.accum_steps
+    params = [p for p in parts.raw_model.parameters() if p.requires_grad]
+    model.train()
+    if parts.freeze:  # a linear probe: the frozen backbone keeps its norm statistics and no dropout
+        model.eval()
+        for head in classifier_heads(parts.raw_model):
+            head.train()
+    loss_sum, seen, batch, stopped = 0.0, 0, start_batch, None
+    started = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    batches = iter(batches)
+    while True:
+        update = (batch + 1) % accum == 0 or batch + 1 == num_batches
+        no_sync = model.no_sync() if parts.dist.enabled and not update else contextlib.nullcontext()
+        with no_sync:
+            loss, failure = None, None
+            try:
+                images, targets = next(batches)
+                images = images.to(parts.device, non_blocking=True)
+                targets = targets.to(parts.device, non_blocking=True)
+                if parts.mixup is not None:
+                    images, targets = _mix(parts, images, targets)
+                with autocast(parts.device, parts.precision):
+                    logits = model(images)  # (B, num_classes)
+                    loss = parts.loss_fn(logits, targets)
+            except StopIteration:
+                break
+            except Exception as e:  # shared by the step's collective: every rank stops with this error
+                failure = e
+            loss_value, interrupt = share_step(loss, bool(stop_requested and stop_requested()), failure, parts.dist)
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(f"the loss became {loss_value} at optimizer step {global_step + 1}")
+            batch += 1
+            if parts.scaler is not None:  # timm's NativeScaler: scaled backward, then unscale, clip, step, update
+                parts.scaler(loss / accum, optimizer, clip_grad=parts.clip_grad, parameters=params,
+                             need_update=update)
+            else:
+                (loss / accum).backward()
+                if update:
+                    if parts.clip_grad:
+                        dispatch_clip_grad(params, parts.clip_grad)
+                    optimizer.step()
+        loss_sum += loss_value * len(images)
+        seen += len(images)
+        if not update:
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        global_step += 1
+        if parts.scheduler is not None:
+            parts.scheduler.step_update(num_updates=global_step)
+        if parts.ema is not None:
+            parts.ema.update(parts.raw_model, step=global_step)
+        if on_step is not None:
+            on_step({"batch": batch, "num_batches": num_batches, "global_step": global_step,
+                     "loss": loss_value, "lr": current_lr(optimizer)})
+        if max_steps is not None and global_step >= max_steps:
+            stopped = "max_steps"
+        elif interrupt:
+            stopped = "interrupt"
+        if stopped:
+            break
+    elapsed = time.perf_counter() - started
+    return {"train_loss": loss_sum / seen if seen else math.nan, "images": seen, "train_time": elapsed,
+            "img_s": seen / elapsed if elapsed > 0 else 0.0, "lr": current_lr(optimizer),
+            "global_step": global_step, "batch": batch, "stopped": stopped,
+            "loss_sum": loss_sum}
+
+
+def _mix(parts: TrainParts, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's Mixup needs an even batch: an odd one loses its last image (a single image is not mixed)."""
+    from timm.data.mixup import mixup_target
+
+    if len(images) == 1:
+        return images, mixup_target(targets, parts.num_classes, smoothing=parts.label_smoothing)
+    if len(images) % 2:
+        images, targets = images[:-1], targets[:-1]
+    return parts.mixup(images, targets)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+             device: torch.device, precision: str = "fp32", dist: Dist = Dist()) -> dict[str, Any]:
+    """Validation loss (plain cross-entropy), top-1 accuracy, top-5 where there are more than 5 classes
+    (``val_top5`` is left out otherwise), and the confusion matrix.
+
+    Under torchrun each rank evaluates its share and the sums are reduced; ``preds``/``targets`` are
+    this rank's own, ``confusion`` is the whole set's.
+    """
+    from timm.utils import accuracy
+
+    from vitcli.evaluate import confusion_matrix
+
+    model.eval()
+    topk = (1, TOP_K) if num_classes > TOP_K else (1,)
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1 hits, top-5 hits, count
+    preds, targets = [], []
+    for images, target in batches:
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(images)  # (B, C)
+        logits = logits.float()
+        # timm's accuracy gives percentages of the batch; the sums over batches and ranks need hit counts
+        hits = [round(pct.item() * len(target) / 100) for pct in accuracy(logits, target, topk=topk)]
+        sums += torch.tensor([F.cross_entropy(logits, target, reduction="sum").item(), hits[0], hits[-1],
+                              len(target)], dtype=torch.float64)
+        preds.append(logits.topk(1, dim=1).indices[:, 0].cpu())  # the top-1 that accuracy() counted
+        targets.append(target.cpu())
+    pred_t = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    target_t = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
+    confusion = all_reduce(confusion_matrix(target_t, pred_t, num_classes), dist)
+    loss, top1, top5, count = all_reduce(sums, dist).tolist()
+    count = max(count, 1)
+    metrics = {"val_loss": loss / count, "val_top1": top1 / count}
+    if len(topk) > 1:
+        metrics["val_top5"] = top5 / count
+    return metrics | {"preds": pred_t, "targets": target_t, "confusion": confusion, "count": int(count)}
+
+
+# -------------------------------------------------------------------------------------- the run
+
+
+def fit(config: FinetuneConfig, callback: Callback | None = None) -> RunResult:
+    """Fine-tune ``config.model`` on ``config.data`` and write the run folder.
+
+    ``callback(event, info)`` receives "start", "epoch_start", "step", "evaluate", "epoch_end" and "end" events
+    (rank 0 only). Raises TrainingInterrupted after saving the state on Ctrl-C/SIGTERM,
+    NonFiniteLossError on a NaN/inf loss, DatasetError/UsageError/ModelLoadError before training.
+    """
+    check_config(config)
+    if config.resume is None:
+        config = absolute_paths(config)  # what args.json keeps: --resume then works from any directory
+    dist, device = init_distributed(config.device)
+    try:
+        return _fit(config, callback if dist.main else None, dist, device)
+    finally:
+        close_distributed(dist)
+
+
+def _fit(config: FinetuneConfig, callback: Callback | None, dist: Dist, device: torch.device) -> RunResult:
+    emit = callback or (lambda event, info: None)
+    precision = resolve_precision(config.precision, device)
+    resuming = config.resume is not None
+
+    # 1. data: the split is decided once, saved, and reused by --resume
+    if resuming:
+        run_dir = Path(config.resume)  # type: ignore[arg-type]
+        data = FolderData.load(run_dir / rundir.SPLIT_FILE)
+        check_files_exist(data)
+    else:
+        data = prepare_data(config, dist)
+    classes, counts = data.classes, data.counts("train")
+
+    # 2. model, preprocessing, loaders, recipe
+    seed_everything(config.seed)
+    loaded = build_model(config, classes)
+    model = loaded.model.to(device)
+    data_config = model_data_config(model, config.img_size)
+    train_loader, val_loader, sampler = make_loaders(config, data, data_config, device, dist)
+    num_batches = len(train_loader)
+    steps_per_epoch = math.ceil(num_batches / config.accum_steps)
+    parts = build_parts(config, model, counts, steps_per_epoch, device, precision, dist)
+    progress, state = rundir.Progress(), {}
+
+    # 3. the run folder (rank 0 makes it and writes to it; every rank agrees on its name)
+    if resuming:
+        state = rundir.read_state(run_dir / STATE_FILE)
+        progress = rundir.load_state(state, parts)
+    else:
+        run_dir = on_rank0(lambda: rundir.new_run_dir(config), dist)
+    resolved = {"device": str(device), "precision": precision, "world_size": dist.world,
+                "steps_per_epoch": steps_per_epoch}
+
+    def write_run_files() -> None:
+        if not resuming:
+            data.save(run_dir / rundir.SPLIT_FILE)
+        rundir.write_args(run_dir, config, loaded, data_config, resolved)
+
+    on_rank0(write_run_files, dist)
+
+    def save(best: bool = False) -> None:  # rank 0 writes; an error there stops every rank
+        def write() -> None:
+            if best:
+                rundir.save_model(run_dir / "best", parts.saved_model, classes, data_config)
+            rundir.save_model(run_dir / "last", parts.saved_model, classes, data_config)
+            rundir.save_state(run_dir, parts, progress)
+            rundir.write_metrics(run_dir / rundir.METRICS_FILE, progress.rows)
+
+        on_rank0(write, dist)
+
+    # 4. train: epochs of train_one_epoch + evaluate, the state saved after each. From here on,
+    #    Ctrl-C (SIGINT) or SIGTERM stops the run at the next optimizer step and saves the state.
+    stopped = "done"
+    rng = state.get("rng") if resuming and dist.world == 1 else None
+    with stop_on_signals() as stop:
+        emit("start", {
+            "run_dir": run_dir, "classes": classes, "train_counts": counts, "val_counts": data.counts("val"),
+            "layout": data.layout, "skipped": data.skipped, "warnings": data_warnings(data, config),
+            "model": config.model, "arch": loaded.arch, "source": loaded.source,
+            "input_size": data_config["input_size"], "device": str(device), "precision": precision,
+            "world_size": dist.world, "epochs": config.epochs, "steps_per_epoch": steps_per_epoch,
+            "num_batches": num_batches, "resumed_epoch": progress.epoch if resuming else None,
+            "resumed_batch": progress.batch if resuming else None,
+            "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        })
+        while progress.epoch < config.epochs:
+            epoch = progress.epoch
+            if progress.batch == 0:
+                seed_everything(epoch_seed(config.seed, epoch, dist.rank))
+            elif rng is not None:
+                set_rng_state(rng)  # continue the interrupted epoch exactly where it stopped
+            else:
+                seed_everything(epoch_seed(config.seed, epoch, dist.rank) + progress.batch)
+            rng = None
+            sampler.set_epoch(epoch, start=progress.batch * config.batch_size)
+            train_loader.generator.manual_seed(epoch_seed(config.seed, epoch, dist.rank))
+            emit("epoch_start", {"epoch": epoch + 1, "epochs": config.epochs, "num_batches": num_batches,
+                                 "batch": progress.batch, "steps_per_epoch": steps_per_epoch})
+            try:
+                stats = train_one_epoch(
+                    parts, train_loader, num_batches=num_batches, global_step=progress.global_step,
+                    start_batch=progress.batch, max_steps=config.max_steps,
+                    on_step=lambda info, e=epoch: emit("step", dict(info, epoch=e + 1)),
+                    stop_requested=stop.requested)
+            except NonFiniteLossError as e:
+                raise non_finite(e, run_dir, epoch) from None
+            progress.global_step, progress.batch = stats["global_step"], stats["batch"]
+            progress.loss_sum += stats["loss_sum"]
+            progress.images += stats["images"]
+            progress.train_time += stats["train_time"]
+
+            if stats["stopped"] == "interrupt":
+                on_rank0(lambda: (rundir.save_state(run_dir, parts, progress),
+                                  rundir.save_model(run_dir / "last", parts.saved_model, classes, data_config)), dist)
+                raise interrupted(config, run_dir, progress, stop.signal)
+
+            # evaluate the model that gets saved (the EMA one when --ema)
+            emit("evaluate", {"epoch": epoch + 1, "images": len(data.val)})
+            eval_started = time.perf_counter()
+            metrics = evaluate(parts.saved_model, val_loader, len(classes), device, precision, dist)
+            eval_time = time.perf_counter() - eval_started
+            row = {"epoch": epoch + 1,
+                   "train_loss": progress.loss_sum / progress.images if progress.images else math.nan,
+                   **{k: metrics[k] for k in ("val_loss", "val_top1", "val_top5") if k in metrics},
+                   "lr": stats["lr"], "epoch_time": progress.train_time + eval_time,  # s, training and evaluation
+                   "img_s": progress.images / max(progress.train_time, 1e-9)}  # training images per second
+            improved = progress.record(row, metrics, finished=stats["batch"] >= num_batches)
+            save(best=improved)
+            patience_out = bool(config.patience) and progress.bad_epochs >= config.patience  # type: ignore[operator]
+            emit("epoch_end", {"row": row, "best": improved, "best_top1": progress.best_top1,
+                               "best_epoch": progress.best_epoch, "bad_epochs": progress.bad_epochs,
+                               "patience": config.patience, "epochs": config.epochs})
+
+            if stats["stopped"] == "max_steps":
+                stopped = "max_steps"
+                break
+            if patience_out:
+                stopped = "patience"
+                break
+            if any_rank(stop.requested(), dist):
+                raise interrupted(config, run_dir, progress, stop.signal)
+
+    # 5. figures
+    on_rank0(lambda: rundir.write_figures(run_dir, progress, classes), dist)
+    result = RunResult(run_dir=run_dir, best_top1=progress.best_top1, best_epoch=progress.best_epoch,
+                       epochs_done=progress.epoch, global_step=progress.global_step, stopped=stopped,
+                       rows=progress.rows, model=parts.saved_model)
+    emit("end", {"result": result})
+    return result
+
+
