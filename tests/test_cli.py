@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import DEIT_WEIGHTS, TINY_LABELS, make_image, shared
+from conftest import REPO, TINY_LABELS, make_image, shared
 from vitcli import __version__
 from vitcli.cli.app import app
 
@@ -83,6 +83,44 @@ def test_the_cli_app_imports_neither_torch_nor_timm():
 
 
 # ------------------------------------------------------------------------------------ happy path
+
+
+EXAMPLES = {"corgi.jpg": {263, 264}, "german_shepherd.jpg": {235}, "grace_hopper.jpg": {652}, "samoyed.jpg": {258}}
+
+
+def test_the_readme_first_command_runs_offline_from_anywhere(tmp_path, monkeypatch):
+    """`vitcli predict examples/`: the shipped default model, no --model, no network, another directory."""
+    monkeypatch.chdir(tmp_path)
+
+    result = invoke("predict", REPO / "examples", "--json", "--top-k", "1")
+
+    assert result.exit_code == 0, result.stderr
+    top1 = {Path(r["source"]).name: r["predictions"][0]["index"] for r in json_lines(result.stdout)}
+    assert set(top1) == set(EXAMPLES) == {p.name for p in (REPO / "examples").glob("*.jpg")}
+    assert all(top1[name] in EXAMPLES[name] for name in EXAMPLES), top1
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["table", "json"])
+def test_inputs_that_name_no_image_fail_before_any_model_loads(tmp_path, monkeypatch, json_flag):
+    import timm
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(timm, "create_model", no_model)
+    (tmp_path / "empty").mkdir()
+
+    result = invoke("predict", tmp_path / "gone.jpg", tmp_path / "empty", *json_flag)
+
+    assert result.exit_code == 1
+    assert error_lines(result.stderr) == [f"Error: {tmp_path / 'gone.jpg'}: no such file or directory",
+                                          f"Error: {tmp_path / 'empty'}: folder has no images (.bmp, .gif, .jfif, "
+                                          ".jpeg, .jpg, .pbm, ...)"]
+    if json_flag:
+        assert [(r["source"], r["predictions"]) for r in json_lines(result.stdout)] == [
+            (str(tmp_path / "gone.jpg"), []), (str(tmp_path / "empty"), [])]
+    else:
+        assert result.stdout == ""
 
 
 def test_table_output(tiny_model_dir, tmp_path, monkeypatch):
@@ -454,15 +492,14 @@ def read_tsv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_deit_tiny_gets_every_labelled_image_right():
+def test_default_model_gets_every_labelled_image_right():
     folder = shared("images")
-    weights = shared("weights", DEIT_WEIGHTS.name)
     labels = read_tsv(folder / "LABELS.tsv")
     ambiguous = read_tsv(folder / "LABELS_AMBIGUOUS.tsv")
     assert len(labels) >= 10 and len(ambiguous) >= 1
 
-    result = invoke("predict", *(folder / row["filename"] for row in labels + ambiguous),
-                    "--model", "deit_tiny_patch16_224", "--weights", weights, "--json", "--top-k", "5")
+    # no --model, no --weights: the shipped DeiT-Tiny
+    result = invoke("predict", *(folder / row["filename"] for row in labels + ambiguous), "--json", "--top-k", "5")
 
     assert result.exit_code == 0, result.stderr
     top1 = {Path(r["source"]).name: r["predictions"][0] for r in json_lines(result.stdout)}

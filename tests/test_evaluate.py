@@ -312,12 +312,28 @@ def test_cli_unreadable_image_is_reported_once_and_exit_1(tiny_model_dir, datase
     assert "--strict" in strict.stderr and "empty.png" in strict.stderr
 
 
-@pytest.mark.parametrize("args", [["--precision", "fp64"], ["--batch-size", "0"], []])
+@pytest.mark.parametrize("args", [["--precision", "fp64"], ["--batch-size", "0"]])
 def test_cli_usage_errors_exit_2(tiny_model_dir, dataset, args):
-    model = [] if not args else ["--model", str(tiny_model_dir)]  # [] : --model is required
-    result = invoke(str(dataset), *model, *args)
+    result = invoke(str(dataset), "--model", str(tiny_model_dir), *args)
     assert result.exit_code == 2
     assert result.stdout == ""
+
+
+def test_cli_default_model_is_the_shipped_imagenet_deit_tiny(tmp_path):
+    import shutil
+
+    from conftest import REPO
+
+    for name, photo in (("Samoyed", "samoyed.jpg"), ("German shepherd", "german_shepherd.jpg")):
+        (tmp_path / "val" / name).mkdir(parents=True)
+        shutil.copy(REPO / "examples" / photo, tmp_path / "val" / name / photo)
+
+    result = invoke(str(tmp_path), "--json", "-j", "0")  # no --model: classes matched to ImageNet names
+
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["n_images"] == 2 and doc["top1"] == 1.0
+    assert doc["confusion_matrix"]["labels"] == ["German shepherd", "Samoyed"]
 
 
 def test_cli_missing_folder_is_exit_1(tiny_model_dir, tmp_path):

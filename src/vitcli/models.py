@@ -6,7 +6,9 @@
   2. a model folder in timm's hub layout (``config.json`` + ``model.safetensors``), as
      ``timm.models.save_for_hf`` and ``vitcli finetune`` write it (``local-dir:`` prefix optional);
   3. any of those names plus ``--weights FILE`` (.safetensors, .pth/.pt/.bin state dicts, JAX .npz);
-  4. a name found in the local model store (``weights/`` or ``$VITCLI_WEIGHTS``), loaded offline.
+  4. a name found in the local model store (``weights/`` or ``$VITCLI_WEIGHTS``), loaded offline;
+  5. the name of a model shipped inside the package (``vitcli.embedded``: the default, DeiT-Tiny),
+     loaded offline; the store and explicit paths come first, the hub after.
 """
 
 from __future__ import annotations
@@ -26,12 +28,10 @@ from urllib.parse import urlparse
 import timm
 from torch import nn
 
+from vitcli.embedded import DEFAULT_MODEL, embedded_model
 from vitcli.errors import HubUnreachableError, ModelLoadError, UnknownModelError, UsageError, first_line
 from vitcli.weightfiles import WEIGHT_SUFFIXES, load_weights
 
-# ViT-S/16 pretrained on ImageNet-21k and fine-tuned on ImageNet-1k (the paper's "pretrain large,
-# fine-tune" recipe, AugReg weights): 81.4% top-1 at 22M parameters, fast enough on a laptop CPU.
-DEFAULT_MODEL = "vit_small_patch16_224.augreg_in21k_ft_in1k"
 STORE_ENV = "VITCLI_WEIGHTS"
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -43,7 +43,7 @@ class LoadedModel:
     model: nn.Module
     name: str  # what the user asked for
     arch: str  # timm architecture name
-    source: str  # "hub", "cache", "local-dir", "store", "weights", "random"
+    source: str  # "hub", "local-dir", "store", "embedded", "weights", "random"
     labels: list[str]
     data_config: dict[str, Any] = field(default_factory=dict)
 
@@ -166,6 +166,9 @@ def load_model(
             if pretrained:
                 load_weights(model, entry, new_head=num_classes is not None)
         source = "store"
+    elif (shipped := embedded_model(name)) is not None:
+        model = _create(f"local-dir:{shipped}", pretrained=pretrained, **kwargs)
+        arch, source = model.pretrained_cfg.get("architecture", name), "embedded"
     elif name.startswith("hf-hub:"):
         model = _create_from_hub(name, pretrained, kwargs)
         arch, source = model.pretrained_cfg.get("architecture", name), "hub"

@@ -9,6 +9,7 @@ import typer
 
 from vitcli.cli._errors import handled_errors
 from vitcli.cli._options import (
+    DEFAULT_MODEL,
     BatchSizeOpt,
     Device,
     DeviceOpt,
@@ -29,8 +30,9 @@ def evaluate(
     model: Annotated[str, typer.Option(
         "--model", "-m",
         help="A finetune run folder (runs/finetune/NAME: its best/ model), a model folder "
-             "(config.json + model.safetensors), a timm name[.tag] or a name in the weights/ store.",
-        metavar="RUN_OR_MODEL", show_default=False)],
+             "(config.json + model.safetensors), a timm name[.tag] or a name in the weights/ store "
+             "(default: the shipped ImageNet DeiT-Tiny).",
+        metavar="RUN_OR_MODEL")] = DEFAULT_MODEL,
     weights: WeightsOpt = None,
     split: Annotated[str | None, typer.Option(
         "--split", "-s", help="Evaluate DATA/NAME (e.g. val, test, train) instead of the automatic choice.",

@@ -64,7 +64,9 @@ def predict(
         if not raw:
             raise fail("no images given; pass files, folders, globs or URLs, or --files-from FILE", 2)
         sources, problems = expand_inputs(raw)
-        # the model loads even when no input exists, so a bad --model is reported as such (exit 2)
+        if not sources:  # nothing to predict: report the inputs at once, without loading a model
+            _report(_in_input_order([], problems), json_out, csv_out)
+            raise typer.Exit(1)
         results = _run(sources, model, weights, top_k, batch_size, workers, device, precision, tta,
                        not exact_decode)
         records = _in_input_order(results, problems)
