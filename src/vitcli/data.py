@@ -67,7 +67,7 @@ def iter_path_list(list_file: str) -> Iterator[str]:
     if list_file == "-":
         return _paths_in(sys.stdin)
     path = Path(list_file)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():  # a named pipe is fine: it is read as the lines arrive
         raise ImageLoadError(list_file, "list file does not exist; give a text file with one path per line")
     return _paths_in_file(path)
 
