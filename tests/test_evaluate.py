@@ -362,3 +362,25 @@ def test_imagenet_model_on_hymenoptera_names_the_unknown_classes():
     assert result.stderr.startswith("Error: folder class(es) unknown to the model: ants, bees; "
                                     "the model's labels are tench, goldfish, great white shark")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_under_torchrun_sums_the_ranks_counts(tiny_model_dir, tmp_path):
+    import os
+
+    data = noise_folder(tmp_path / "data" / "val", {"cat": 4, "dog": 3, "bird": 2})
+    (data / "dog" / "broken.png").write_text("not a png")
+    one = invoke(str(data.parent), "--model", str(tiny_model_dir), "--json", "-j", "0", "-b", "2")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "vitcli", "evaluate", str(data.parent), "--model", str(tiny_model_dir), "--json", "-b", "2"]
+
+    two = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    assert one.exit_code == 1 and two.returncode == 1, two.stderr  # the broken file, reported once
+    assert two.stderr.count("broken.png: not an image Pillow can read") == 1
+    expected, got = json.loads(one.stdout), json.loads(two.stdout)
+    assert got["n_images"] == expected["n_images"] == 9
+    assert got["confusion_matrix"] == expected["confusion_matrix"] and got["per_class"] == expected["per_class"]
+    assert got["skipped"] == expected["skipped"]
+    assert (got["top1"], got["top5"]) == (expected["top1"], expected["top5"])
+    assert got["loss"] == pytest.approx(expected["loss"], abs=1e-6)

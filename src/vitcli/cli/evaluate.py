@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -62,36 +63,65 @@ def evaluate(
 
     Unreadable images are listed on stderr and skipped; the scores cover the rest, and the exit
     code is then 1 (as for predict: exit 1 if any input failed). --strict stops at the first one.
+
+    Under torchrun (torchrun --nproc-per-node N -m vitcli evaluate DATA) each process scores every
+    N-th image on its own device; the counts are summed and rank 0 reports the whole folder.
     """
     with handled_errors():
-        from vitcli.console import err
-        from vitcli.evaluate import evaluate_model, resolve_run_model
-        from vitcli.models import load_model
+        from vitcli.sharding import torchrun_rank
 
-        model_name = resolve_run_model(model)
-        if model_name != model:
-            err.print(f"using the model folder {model_name}", highlight=False)
-        with err.status(f"loading {model_name}"):
-            loaded = load_model(model_name, weights)
-        with _Progress() as on_batch:
-            result = evaluate_model(loaded, data, split=split, batch_size=batch_size, workers=workers,
-                                    device=device.value, precision=precision.value, strict=strict,
-                                    on_batch=on_batch)
-        for path, reason in result.skipped:
-            err.print(f"[bold red]Error:[/] {_escape(path)}: {_escape(reason)}", highlight=False)
-        if confusion_png is not None:
-            from vitcli.plots import save_confusion_matrix
+        rank, group, device_name = torchrun_rank(), None, device.value
+        if rank.enabled:
+            from vitcli.sharding import init_process_group
 
-            title = f"{loaded.name} on {result.folder}"
-            save_confusion_matrix(result.matrix, result.labels, confusion_png, title=title)
-            err.print(f"wrote {confusion_png}", highlight=False)
-        _report(result, json_out)
+            rank, device_name, group = init_process_group(device.value)
+        try:
+            _evaluate(data, model, weights, split, json_out, confusion_png, batch_size, workers, device_name,
+                      precision.value, strict, rank, group)
+        finally:
+            if rank.enabled:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+
+
+def _evaluate(data, model, weights, split, json_out, confusion_png, batch_size, workers, device, precision, strict,
+              rank, group) -> None:
+    """One process's part; under torchrun every rank scores its share and rank 0 reports the sum."""
+    from vitcli.console import err
+    from vitcli.evaluate import evaluate_model, resolve_run_model
+    from vitcli.models import load_model
+
+    model_name = resolve_run_model(model)
+    if model_name != model and rank.main:
+        err.print(f"using the model folder {model_name}", highlight=False)
+    with err.status(f"loading {model_name}") if rank.main else contextlib.nullcontext():
+        loaded = load_model(model_name, weights)
+    with _Progress(enabled=rank.main) as on_batch:
+        result = evaluate_model(loaded, data, split=split, batch_size=batch_size, workers=workers, device=device,
+                                precision=precision, strict=strict, on_batch=on_batch, rank=rank, group=group)
+    if not rank.main:
         if result.skipped:
             raise typer.Exit(1)
+        return
+    for path, reason in result.skipped:
+        err.print(f"[bold red]Error:[/] {_escape(path)}: {_escape(reason)}", highlight=False)
+    if confusion_png is not None:
+        from vitcli.plots import save_confusion_matrix
+
+        title = f"{loaded.name} on {result.folder}"
+        save_confusion_matrix(result.matrix, result.labels, confusion_png, title=title)
+        err.print(f"wrote {confusion_png}", highlight=False)
+    _report(result, json_out)
+    if result.skipped:
+        raise typer.Exit(1)
 
 
 class _Progress:
     """A context giving an ``on_batch(done, total)`` callback that shows a bar for many images."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
 
     def __enter__(self):
         self.progress = None
@@ -99,6 +129,8 @@ class _Progress:
         return self.update
 
     def update(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
         if self.progress is None:
             if total < PROGRESS_MIN_IMAGES:
                 return
