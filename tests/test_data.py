@@ -387,3 +387,20 @@ def test_eval_transform_follows_the_model_data_config(tmp_path):
 
     assert tuple(x.shape) == (3, 96, 96)
     assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0  # mean/std 0.5 maps [0, 1] to [-1, 1]
+
+
+def test_iter_inputs_streams_in_the_order_of_expand_inputs(tmp_path):
+    from vitcli.data import iter_inputs, iter_path_list
+
+    for name in ("b/x.png", "a-b/y.png", "a/z.jpg", "a/sub/w.png", "a.png", "c.txt"):
+        make_image(tmp_path / "root" / name) if name.endswith(("png", "jpg")) else (tmp_path / "root" / name).touch()
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{tmp_path / 'root'}\n# comment\n\n{tmp_path / 'gone.jpg'}\n")
+
+    items = iter_inputs(iter_path_list(str(listed)))
+    first = next(items)
+    rest = list(items)
+
+    sources, problems = expand_inputs([str(tmp_path / "root"), str(tmp_path / "gone.jpg")])
+    assert [first, *rest[:-1]] == sources == sorted(sources)
+    assert rest[-1].source == str(tmp_path / "gone.jpg") and problems[0].before == len(sources)

@@ -264,3 +264,37 @@ def test_fast_decode_keeps_every_top_1(deit, reference_probs):
     worst = max_prob_difference(results, reference_probs)
     print(f"fast decode: max abs prob difference vs plain timm = {worst:.3g}")
     assert worst < 0.1
+
+
+# ------------------------------------------------------------------------------------ streaming
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_records_leave_while_the_sources_are_still_being_read(tiny, tmp_path, workers):
+    photo = str(make_image(tmp_path / "p.png", size=(16, 16)))
+    pulled = 0
+
+    def endless():  # a million-image list: never materialised
+        nonlocal pulled
+        for _ in range(1_000_000):
+            pulled += 1
+            yield photo
+
+    records = predict(tiny, endless(), PredictOptions(batch_size=4, workers=workers, top_k=1))
+    first = [next(records) for _ in range(10)]
+    records.close()
+
+    assert all(r.ok and r.source == photo for r in first)
+    assert pulled <= 4 * (2 * max(workers, 1) + 2) + 4  # a few batches ahead, not the whole list
+
+
+def test_input_problems_keep_their_place_among_streamed_records():
+    from vitcli.data import InputProblem
+    from vitcli.predict import with_input_problems
+
+    items = [InputProblem("gone0", "x"), "a", InputProblem("gone1", "x"), InputProblem("gone2", "x"), "b", "c",
+             InputProblem("gone3", "x")]
+
+    records = with_input_problems(items, lambda sources: (Prediction(s) for s in sources))
+
+    assert [r.source for r in records] == ["gone0", "a", "gone1", "gone2", "b", "c", "gone3"]
