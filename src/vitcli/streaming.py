@@ -77,9 +77,9 @@ class PredictJob:
     def __post_init__(self) -> None:
         if not self.inputs and self.files_from is None:
             raise UsageError("no images given; pass files, folders, globs or URLs, or --files-from FILE")
-        if self.files_from == "-" and (self.shard is not None or self.rank.enabled):
-            raise UsageError("--files-from - is read once, but --shard and torchrun read the list twice; "
-                             "save the list to a file and pass --files-from FILE")
+        if not self.countable and (self.shard is not None or self.rank.enabled):
+            raise UsageError(f"--files-from {self.files_from} can be read only once, but --shard and torchrun "
+                             "read the list twice; save the list to a file and pass --files-from FILE")
 
     def open(self, done: DoneSources | None = None) -> None:
         """Open ``--output`` for appending (rank 0) and learn what it holds; ``done`` from rank 0 elsewhere."""
@@ -95,8 +95,11 @@ class PredictJob:
 
     @property
     def countable(self) -> bool:
-        """Whether the inputs can be read twice (to count them): not a list read from stdin."""
-        return self.files_from != "-"
+        """Whether the inputs can be read twice (to count them): not a list from stdin or a pipe."""
+        if self.files_from is None:
+            return True
+        path = Path(self.files_from)
+        return self.files_from != "-" and (path.is_file() or not path.exists())  # a missing file: reported later
 
     def items(self) -> Iterator[Item]:
         """This job's items, lazily: its shard, less the sources already in ``--output``."""
