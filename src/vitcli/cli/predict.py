@@ -97,7 +97,7 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
         job.rank, device, group = init_process_group(options.device)
         options = dataclasses.replace(options, device=device)
     csv_file = None
-    progress = _ProgressSink(job)
+    progress = None
     try:
         job.open()
         if job.rank.enabled:
@@ -106,6 +106,7 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
         if job.rank.main:
             from vitcli.records import CsvWriter, JsonlWriter
 
+            progress = _ProgressSink(job)  # after open(): it counts what is left to do
             sinks.append(_ErrorLines())
             sinks.append(JsonlWriter(sys.stdout) if json_out else _TableSink())
             if csv_out is not None:
@@ -119,21 +120,25 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
             sinks.append(progress)
 
         def load():
+            import contextlib
+
             from vitcli.models import load_model
 
-            with err.status(f"loading {model}"):
+            with err.status(f"loading {model}") if job.rank.main else contextlib.nullcontext():
                 return load_model(model, weights)
 
         from vitcli.streaming import write_records
 
         write_records(job.records(load, options, group=group), sinks, job.tally)
     except KeyboardInterrupt:
-        progress.stop()
+        if progress is not None:
+            progress.stop()
         where = f"; rerun the same command to resume from {job.output}" if job.output else ""
         err.print(f"[bold red]Error:[/] interrupted after {job.tally.written} records{where}", highlight=False)
         raise typer.Exit(130) from None
     finally:
-        progress.stop()
+        if progress is not None:
+            progress.stop()
         job.close()
         if csv_file is not None:
             csv_file.close()
