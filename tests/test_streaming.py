@@ -94,3 +94,16 @@ def test_stdin_lists_cannot_be_sharded():
 
 def test_tally_defaults():
     assert Tally().ok and Tally(3, 1).ok is False
+
+
+def test_the_streaming_core_imports_no_torch():
+    """A torch-free predictor (ONNX Runtime) can reuse the writers, the resume logic and the shards."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vitcli.predict, vitcli.records, vitcli.sharding, vitcli.streaming; "
+            "assert 'torch' not in sys.modules and 'timm' not in sys.modules")
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr

@@ -1,12 +1,14 @@
-"""Batched prediction: image sources -> Prediction records. Never prints.
+"""Batched prediction: image sources -> Prediction records, streamed. Never prints; no torch at import.
 
 Decoding, resizing and cropping produce 8-bit images, and each batch is normalized in one
 vectorized step (``vitcli.data.EvalPipeline``). Where the decoding runs depends on the device: on
-a GPU, in DataLoader worker processes overlapped with the forward pass (``decoded_batches``); on the
-CPU, where both need the same cores, in per-core streams that each decode a batch and run the model
-on it (``scored_batches``).
+a GPU, in DataLoader worker processes overlapped with the forward pass; on the CPU, where both need
+the same cores, in per-core streams that each decode a batch and run the model on it
+(``vitcli.batching.scored_key_batches``). Sources are read lazily, a few batches ahead, and each
+batch's records are yielded as soon as it is done, in input order.
 A file that fails to load becomes a Prediction with ``error`` set and the other images in its batch
-are still predicted.
+are still predicted. ``with_input_problems`` puts the inputs that named no image in their place,
+for this predictor or any other (a torch-free ONNX Runtime one) that yields records in order.
 """
 
 from __future__ import annotations
