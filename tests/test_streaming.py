@@ -107,3 +107,20 @@ def test_the_streaming_core_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
 
     assert result.returncode == 0, result.stderr
+
+
+def test_any_predictor_streams_through_a_job_with_problems_in_place(tmp_path):
+    """How a torch-free predictor plugs in: ``stream(make_predictor)``, built only when needed."""
+    photos = [str(make_image(tmp_path / "p" / f"{i}.png", size=(8, 8), seed=i)) for i in range(3)]
+    made = []
+
+    def make_predictor():
+        made.append(1)
+        return lambda sources: (Prediction(s, [Label(1, 0, "x", 1.0)]) for s in sources)
+
+    job = PredictJob([photos[0], str(tmp_path / "gone.jpg"), *photos[1:]])
+
+    records = list(job.stream(make_predictor))
+
+    assert [r.source for r in records] == [photos[0], str(tmp_path / "gone.jpg"), *photos[1:]]
+    assert [r.ok for r in records] == [True, False, True, True] and made == [1]

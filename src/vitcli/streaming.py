@@ -23,6 +23,8 @@ from vitcli.sharding import Item, Rank, Shard, merged_records, rank_blocks, reco
 if TYPE_CHECKING:
     from vitcli.models import LoadedModel
 
+Predictor = Callable[[Iterator[str]], Iterable[Prediction]]  # image sources -> one record each, in order
+
 
 @dataclass
 class Tally:
@@ -117,23 +119,35 @@ class PredictJob:
 
     def records(self, load: Callable[[], LoadedModel], options: PredictOptions = PredictOptions(),
                 on_batch: Callable[[int], None] | None = None, group: Any = None) -> Iterator[Prediction]:
-        """The job's records in input order (on rank 0 under torchrun; other ranks predict and send theirs).
+        """The job's records in input order, predicted by ``vitcli.predict.predict`` with ``load()``'s model.
 
         ``load`` is called only if some item names an image: inputs that name none (missing files,
         empty folders) are reported without loading a model.
         """
+        def make_predictor() -> Predictor:
+            loaded = load()
+            return lambda sources: predict(loaded, sources, options, on_batch)
+
+        return self.stream(make_predictor, options.batch_size, group)
+
+    def stream(self, make_predictor: Callable[[], Predictor], block: int = 32,
+               group: Any = None) -> Iterator[Prediction]:
+        """The job's records in input order, from any predictor (torch, or a torch-free ONNX Runtime one).
+
+        ``make_predictor()`` is called once, only if some item names an image; the predictor it
+        returns takes the image sources (lazily) and yields one record per source, in order. Under
+        torchrun this rank predicts its blocks of ``block`` items and rank 0 yields every rank's
+        records (the other ranks yield none).
+        """
         items: Iterator[Item] = self.items()
         sizes: deque[int] = deque()
         if self.rank.enabled:
-            items = rank_blocks(items, self.rank, options.batch_size, sizes)
+            items = rank_blocks(items, self.rank, block, sizes)
         leading, rest = first_source(items)
         if rest is None:
             records: Iterator[Prediction] = iter([Prediction(p.source, error=p.reason) for p in leading])
         else:
-            loaded = load()
-            records = with_input_problems(itertools.chain(leading, rest),
-                                          lambda sources: predict(loaded, sources, options, on_batch))
+            records = with_input_problems(itertools.chain(leading, rest), make_predictor())
         if not self.rank.enabled:
             return records
         return merged_records(records_by_block(records, sizes), self.rank, group)
-
