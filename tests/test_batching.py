@@ -57,3 +57,22 @@ def test_cpu_streams_share_a_small_job_equally(tmp_path):
     scored = list(scored_batches(dataset, 6, torch.stack, lambda x: x.flatten().tolist(), torch.device("cpu"), 2))
 
     assert scored == [[0, 1, 2, 3], [4, 5, 6]]  # not [0..5] on one core and [6] on the other
+
+
+def test_keyed_batches_come_back_with_their_keys_in_order_from_dataloader_processes(tmp_path):
+    from vitcli.batching import SourceImages, scored_key_batches
+
+    sources = [str(make_image(tmp_path / f"k{i}.png", size=(24, 24), seed=i)) for i in range(7)]
+    images = SourceImages(lambda img: torch.from_numpy(np.array(img)))
+
+    def first_pixels(batch):
+        return batch[0][:, 0, 0, 0].tolist()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pin_memory without a GPU
+        loader = list(scored_key_batches(images, iter(sources), 3, collate_images, first_pixels,
+                                         torch.device("cuda"), workers=2))
+    inline = list(scored_key_batches(images, iter(sources), 3, collate_images, first_pixels, torch.device("cpu"), 0))
+
+    assert [keys for keys, _ in loader] == [sources[0:3], sources[3:6], sources[6:]]
+    assert loader == inline

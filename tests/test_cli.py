@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import DEIT_WEIGHTS, TINY_LABELS, make_image, shared
+from conftest import REPO, TINY_LABELS, make_image, shared
 from vitcli import __version__
 from vitcli.cli.app import app
 
@@ -83,6 +83,44 @@ def test_the_cli_app_imports_neither_torch_nor_timm():
 
 
 # ------------------------------------------------------------------------------------ happy path
+
+
+EXAMPLES = {"corgi.jpg": {263, 264}, "german_shepherd.jpg": {235}, "grace_hopper.jpg": {652}, "samoyed.jpg": {258}}
+
+
+def test_the_readme_first_command_runs_offline_from_anywhere(tmp_path, monkeypatch):
+    """`vitcli predict examples/`: the shipped default model, no --model, no network, another directory."""
+    monkeypatch.chdir(tmp_path)
+
+    result = invoke("predict", REPO / "examples", "--json", "--top-k", "1")
+
+    assert result.exit_code == 0, result.stderr
+    top1 = {Path(r["source"]).name: r["predictions"][0]["index"] for r in json_lines(result.stdout)}
+    assert set(top1) == set(EXAMPLES) == {p.name for p in (REPO / "examples").glob("*.jpg")}
+    assert all(top1[name] in EXAMPLES[name] for name in EXAMPLES), top1
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["table", "json"])
+def test_inputs_that_name_no_image_fail_before_any_model_loads(tmp_path, monkeypatch, json_flag):
+    import timm
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(timm, "create_model", no_model)
+    (tmp_path / "empty").mkdir()
+
+    result = invoke("predict", tmp_path / "gone.jpg", tmp_path / "empty", *json_flag)
+
+    assert result.exit_code == 1
+    assert error_lines(result.stderr) == [f"Error: {tmp_path / 'gone.jpg'}: no such file or directory",
+                                          f"Error: {tmp_path / 'empty'}: folder has no images (.bmp, .gif, .jfif, "
+                                          ".jpeg, .jpg, .pbm, ...)"]
+    if json_flag:
+        assert [(r["source"], r["predictions"]) for r in json_lines(result.stdout)] == [
+            (str(tmp_path / "gone.jpg"), []), (str(tmp_path / "empty"), [])]
+    else:
+        assert result.stdout == ""
 
 
 def test_table_output(tiny_model_dir, tmp_path, monkeypatch):
@@ -512,15 +550,14 @@ def read_tsv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_deit_tiny_gets_every_labelled_image_right():
+def test_default_model_gets_every_labelled_image_right():
     folder = shared("images")
-    weights = shared("weights", DEIT_WEIGHTS.name)
     labels = read_tsv(folder / "LABELS.tsv")
     ambiguous = read_tsv(folder / "LABELS_AMBIGUOUS.tsv")
     assert len(labels) >= 10 and len(ambiguous) >= 1
 
-    result = invoke("predict", *(folder / row["filename"] for row in labels + ambiguous),
-                    "--model", "deit_tiny_patch16_224", "--weights", weights, "--json", "--top-k", "5")
+    # no --model, no --weights: the shipped DeiT-Tiny
+    result = invoke("predict", *(folder / row["filename"] for row in labels + ambiguous), "--json", "--top-k", "5")
 
     assert result.exit_code == 0, result.stderr
     top1 = {Path(r["source"]).name: r["predictions"][0] for r in json_lines(result.stdout)}
@@ -533,3 +570,152 @@ def test_deit_tiny_gets_every_labelled_image_right():
     for row in ambiguous:
         acceptable = {int(i) for i in row["acceptable_indices"].split("|")}
         assert top1[row["filename"]]["index"] in acceptable, row["filename"]
+
+
+# ------------------------------------------------------------------------ streaming, resume, shards
+
+
+def image_folder(folder: Path, n: int, size: tuple[int, int] = (16, 16)) -> list[Path]:
+    return [make_image(folder / f"{i:03d}.png", size=size, seed=i) for i in range(n)]
+
+
+def test_output_jsonl_and_csv_hold_every_record_in_input_order(tiny_model_dir, tmp_path):
+    photos = image_folder(tmp_path / "photos", 5)
+    sources = [str(photos[0]), str(tmp_path / "gone.jpg"), *map(str, photos[1:])]
+
+    for suffix in (".jsonl", ".csv"):
+        out = tmp_path / f"out{suffix}"
+        result = predict_tiny(tiny_model_dir, photos[0], tmp_path / "gone.jpg", *photos[1:], "-o", out, "-k", "2")
+
+        assert result.exit_code == 1  # the missing file
+        if suffix == ".jsonl":
+            assert [r["source"] for r in json_lines(out.read_text())] == sources
+        else:
+            rows = list(csv.DictReader(out.open(newline="")))
+            assert list(dict.fromkeys(r["source"] for r in rows)) == sources and len(rows) == 5 * 2 + 1
+
+
+def test_rerun_with_the_same_output_skips_what_is_done_without_loading_a_model(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    photos = image_folder(tmp_path / "photos", 4)
+    out = tmp_path / "out.jsonl"
+    first = predict_tiny(tiny_model_dir, tmp_path / "photos", "-o", out)
+    assert first.exit_code == 0, first.stderr
+    import timm
+
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model built")))
+
+    again = predict_tiny(tiny_model_dir, tmp_path / "photos", "-o", out, "--json")
+
+    assert again.exit_code == 0, again.stderr
+    assert again.stdout == "" and "4 sources already done, skipping them" in again.stderr
+    assert [r["source"] for r in json_lines(out.read_text())] == [str(p) for p in photos]
+
+
+def test_ctrl_c_leaves_whole_lines_exits_130_and_a_rerun_completes_once_each(tiny_model_dir, tmp_path):
+    """The list arrives through a pipe, read as it comes: interrupt the job while it waits for more."""
+    import signal
+    import time
+
+    photos = image_folder(tmp_path / "photos", 20)
+    fifo = tmp_path / "list.fifo"
+    os.mkfifo(fifo)
+    out = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "vitcli", "predict", "--model", str(tiny_model_dir), "--output", str(out),
+               "--batch-size", "2", "--workers", "0"]
+    process = subprocess.Popen([*command, "--files-from", str(fifo)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:  # open the writing end once vitcli has opened the reading end (never block on a dead child)
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "w") as pipe:
+        pipe.write("".join(f"{p}\n" for p in photos[:10]))
+        pipe.flush()
+        while (not out.exists() or out.read_text().count("\n") < 10) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert out.read_text().count("\n") == 10  # streamed: written before the list is complete
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130, stderr
+    assert "Error: interrupted after 10 records; rerun the same command to resume" in stderr
+    assert [r["source"] for r in json_lines(out.read_text())] == [str(p) for p in photos[:10]]
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"{p}\n" for p in photos))
+
+    resumed = subprocess.run([*command, "--files-from", str(listed)], capture_output=True, text=True, timeout=300)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert "10 sources already done" in resumed.stderr
+    assert [r["source"] for r in json_lines(out.read_text())] == [str(p) for p in photos]  # exactly one each
+
+
+def test_two_shards_concatenated_are_the_one_process_output(tiny_model_dir, tmp_path):
+    image_folder(tmp_path / "photos", 7)
+    (tmp_path / "empty").mkdir()
+    inputs = [tmp_path / "photos", tmp_path / "empty", tmp_path / "gone.jpg"]
+
+    whole = predict_tiny(tiny_model_dir, *inputs, "--json", "-k", "3")
+    shards = [predict_tiny(tiny_model_dir, *inputs, "--shard", f"{i}/2", "-o", tmp_path / f"part{i}.jsonl")
+              for i in range(2)]
+
+    assert whole.exit_code == 1 and [s.exit_code for s in shards] == [0, 1]  # the problems are in shard 1
+    parts = [json_lines((tmp_path / f"part{i}.jsonl").read_text()) for i in range(2)]
+    assert [len(p) for p in parts] == [4, 5]
+    assert parts[0] + parts[1] == json_lines(whole.stdout)
+
+
+def test_shard_with_a_list_from_stdin_is_a_usage_error(tiny_model_dir):
+    result = predict_tiny(tiny_model_dir, "--files-from", "-", "--shard", "0/2", input="a.jpg\n")
+
+    assert result.exit_code == 2
+    assert "save the list to a file" in result.stderr
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "vitcli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_two_cpu_processes_give_the_one_process_records(tiny_model_dir, tmp_path):
+    image_folder(tmp_path / "photos", 9)
+    inputs = [tmp_path / "photos", tmp_path / "gone.jpg"]
+    whole = predict_tiny(tiny_model_dir, *inputs, "--json", "-k", "3", "--batch-size", "2")
+
+    run = torchrun("predict", *inputs, "--model", tiny_model_dir, "--json", "-k", "3", "--batch-size", "2",
+                   "-o", tmp_path / "out.csv")
+
+    assert run.returncode == 1, run.stderr  # gone.jpg
+    assert json_lines(run.stdout) == json_lines(whole.stdout)
+    assert run.stderr.count("gone.jpg: no such file or directory") == 1  # from rank 0 only
+    rows = list(csv.DictReader((tmp_path / "out.csv").open(newline="")))
+    assert list(dict.fromkeys(r["source"] for r in rows)) == [r["source"] for r in json_lines(whole.stdout)]
+
+
+@pytest.mark.slow
+def test_torchrun_and_shards_match_one_process_on_hymenoptera_val(tmp_path):
+    val = shared("hymenoptera", "val")
+    whole = invoke("predict", val, "--json", "-k", "5")
+    assert whole.exit_code == 0, whole.stderr
+    expected = json_lines(whole.stdout)
+
+    run = torchrun("predict", val, "--json", "-k", "5")
+    shards = [invoke("predict", val, "--shard", f"{i}/2", "-o", tmp_path / f"part{i}.jsonl") for i in range(2)]
+
+    assert run.returncode == 0, run.stderr
+    assert all(s.exit_code == 0 for s in shards)
+    from_shards = [r for i in range(2) for r in json_lines((tmp_path / f"part{i}.jsonl").read_text())]
+    for records in (json_lines(run.stdout), from_shards):
+        assert [r["source"] for r in records] == [r["source"] for r in expected] and len(expected) == 153
+        for got, want in zip(records, expected, strict=True):
+            assert [p["index"] for p in got["predictions"]] == [p["index"] for p in want["predictions"]]
+            assert [p["prob"] for p in got["predictions"]] == pytest.approx([p["prob"] for p in want["predictions"]],
+                                                                             abs=1e-6)

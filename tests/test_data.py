@@ -511,3 +511,20 @@ def test_url_timeout_is_a_deadline_for_the_whole_download(image_server, no_proxy
     with pytest.raises(ImageLoadError, match="took longer than 1 s"):
         fetch_url(f"{image_server}/trickle", timeout=1.0)
     assert time.monotonic() - start < 2.5  # a per-read timeout would wait for all 100 bytes (10 s)
+
+
+def test_iter_inputs_streams_in_the_order_of_expand_inputs(tmp_path):
+    from vitcli.data import iter_inputs, iter_path_list
+
+    for name in ("b/x.png", "a-b/y.png", "a/z.jpg", "a/sub/w.png", "a.png", "c.txt"):
+        make_image(tmp_path / "root" / name) if name.endswith(("png", "jpg")) else (tmp_path / "root" / name).touch()
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{tmp_path / 'root'}\n# comment\n\n{tmp_path / 'gone.jpg'}\n")
+
+    items = iter_inputs(iter_path_list(str(listed)))
+    first = next(items)
+    rest = list(items)
+
+    sources, problems = expand_inputs([str(tmp_path / "root"), str(tmp_path / "gone.jpg")])
+    assert [first, *rest[:-1]] == sources == sorted(sources)
+    assert rest[-1].source == str(tmp_path / "gone.jpg") and problems[0].before == len(sources)

@@ -305,12 +305,28 @@ def test_cli_unreadable_image_is_reported_once_and_exit_1(tiny_model_dir, datase
     assert "--strict" in strict.stderr and "empty.png" in strict.stderr
 
 
-@pytest.mark.parametrize("args", [["--precision", "fp64"], ["--batch-size", "0"], []])
+@pytest.mark.parametrize("args", [["--precision", "fp64"], ["--batch-size", "0"]])
 def test_cli_usage_errors_exit_2(tiny_model_dir, dataset, args):
-    model = [] if not args else ["--model", str(tiny_model_dir)]  # [] : --model is required
-    result = invoke(str(dataset), *model, *args)
+    result = invoke(str(dataset), "--model", str(tiny_model_dir), *args)
     assert result.exit_code == 2
     assert result.stdout == ""
+
+
+def test_cli_default_model_is_the_shipped_imagenet_deit_tiny(tmp_path):
+    import shutil
+
+    from conftest import REPO
+
+    for name, photo in (("Samoyed", "samoyed.jpg"), ("German shepherd", "german_shepherd.jpg")):
+        (tmp_path / "val" / name).mkdir(parents=True)
+        shutil.copy(REPO / "examples" / photo, tmp_path / "val" / name / photo)
+
+    result = invoke(str(tmp_path), "--json", "-j", "0")  # no --model: classes matched to ImageNet names
+
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["n_images"] == 2 and doc["top1"] == 1.0
+    assert doc["confusion_matrix"]["labels"] == ["German shepherd", "Samoyed"]
 
 
 def test_cli_missing_folder_is_exit_1(tiny_model_dir, tmp_path):
@@ -376,3 +392,25 @@ def test_cli_leaves_out_the_top5_column_for_two_classes(tiny_model_dir, tmp_path
 
     assert result.exit_code == 0, result.output
     assert "top-1" in result.stdout and "top-5" not in result.stdout and "top-2" not in result.stdout
+
+
+def test_cli_under_torchrun_sums_the_ranks_counts(tiny_model_dir, tmp_path):
+    import os
+
+    data = noise_folder(tmp_path / "data" / "val", {"cat": 4, "dog": 3, "bird": 2})
+    (data / "dog" / "broken.png").write_text("not a png")
+    one = invoke(str(data.parent), "--model", str(tiny_model_dir), "--json", "-j", "0", "-b", "2")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "vitcli", "evaluate", str(data.parent), "--model", str(tiny_model_dir), "--json", "-b", "2"]
+
+    two = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    assert one.exit_code == 1 and two.returncode == 1, two.stderr  # the broken file, reported once
+    assert two.stderr.count("broken.png: not an image Pillow can read") == 1
+    expected, got = json.loads(one.stdout), json.loads(two.stdout)
+    assert got["n_images"] == expected["n_images"] == 9
+    assert got["confusion_matrix"] == expected["confusion_matrix"] and got["per_class"] == expected["per_class"]
+    assert got["skipped"] == expected["skipped"]
+    assert (got["top1"], got["top5"]) == (expected["top1"], expected["top5"])
+    assert got["loss"] == pytest.approx(expected["loss"], abs=1e-6)

@@ -255,7 +255,7 @@ def labelled_images() -> list[Path]:
 
 @pytest.fixture(scope="module")
 def deit() -> LoadedModel:
-    return load_model("deit_tiny_patch16_224", weights=shared("weights", DEIT_WEIGHTS.name))
+    return load_model()  # the shipped default model; the reference below reads the official weights file
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def reference_probs(deit) -> dict[str, torch.Tensor]:
     from PIL import Image
 
     model = timm.create_model("deit_tiny_patch16_224", pretrained=True,
-                              pretrained_cfg_overlay={"file": str(DEIT_WEIGHTS)}).eval()
+                              pretrained_cfg_overlay={"file": str(shared("weights", DEIT_WEIGHTS.name))}).eval()
     transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
     paths = labelled_images()
     x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
@@ -301,3 +301,37 @@ def test_fast_decode_keeps_every_top_1(deit, reference_probs):
     worst = max_prob_difference(results, reference_probs)
     print(f"fast decode: max abs prob difference vs plain timm = {worst:.3g}")
     assert worst < 0.1
+
+
+# ------------------------------------------------------------------------------------ streaming
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_records_leave_while_the_sources_are_still_being_read(tiny, tmp_path, workers):
+    photo = str(make_image(tmp_path / "p.png", size=(16, 16)))
+    pulled = 0
+
+    def endless():  # a million-image list: never materialised
+        nonlocal pulled
+        for _ in range(1_000_000):
+            pulled += 1
+            yield photo
+
+    records = predict(tiny, endless(), PredictOptions(batch_size=4, workers=workers, top_k=1))
+    first = [next(records) for _ in range(10)]
+    records.close()
+
+    assert all(r.ok and r.source == photo for r in first)
+    assert pulled <= 4 * (2 * max(workers, 1) + 2) + 4  # a few batches ahead, not the whole list
+
+
+def test_input_problems_keep_their_place_among_streamed_records():
+    from vitcli.data import InputProblem
+    from vitcli.predict import with_input_problems
+
+    items = [InputProblem("gone0", "x"), "a", InputProblem("gone1", "x"), InputProblem("gone2", "x"), "b", "c",
+             InputProblem("gone3", "x")]
+
+    records = with_input_problems(items, lambda sources: (Prediction(s) for s in sources))
+
+    assert [r.source for r in records] == ["gone0", "a", "gone1", "gone2", "b", "c", "gone3"]

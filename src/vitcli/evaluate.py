@@ -20,6 +20,7 @@ from vitcli.datasets import LabeledImages, Sample, find_eval_dir, map_classes, s
 from vitcli.devices import autocast, resolve_device
 from vitcli.errors import DatasetError, ImageLoadError, UsageError
 from vitcli.models import LoadedModel
+from vitcli.sharding import Rank
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,8 @@ def evaluate_model(
     precision: str = "fp32",
     strict: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
+    rank: Rank | None = None,
+    group: Any = None,
 ) -> EvalResult:
     """Score ``loaded`` on a folder-per-class split.
 
@@ -165,6 +168,9 @@ def evaluate_model(
         device, precision: as for ``vitcli predict`` (``auto``/``cpu``/``cuda``; ``fp32``/``bf16``/``fp16``).
         strict: an unreadable image is fatal (checked before evaluating) instead of skipped.
         on_batch: called with (images done, total) after each batch, for progress bars.
+        rank, group: under torchrun, this process's rank and a gloo process group: each rank scores
+            every N-th image and the counts (confusion matrix, loss, hits, unreadable files) are
+            summed over the ranks, so every rank returns the whole folder's result.
     """
     from vitcli.batching import scored_batches
     from vitcli.data import eval_transform
@@ -177,6 +183,8 @@ def evaluate_model(
     folder, samples = eval_samples(data_dir, loaded.labels, split)
     if strict:
         samples, _ = drop_unreadable(samples, strict=True)
+    rank = rank or Rank()
+    mine = samples[rank.rank::rank.world]  # strided: every rank gets a mix of the classes
 
     num_classes = loaded.num_classes
     k = min(5, num_classes)  # top-5 where there are more than 5 classes; top1 is hits[:, 0] either way
@@ -190,41 +198,41 @@ def evaluate_model(
             logits = model(images.to(torch_device, non_blocking=True))  # (B, num_classes)
         return logits.float().cpu(), targets, errors
 
-    scored = scored_batches(_TolerantImages(samples, eval_transform(loaded.data_config)), batch_size, _collate,
+    scored = scored_batches(_TolerantImages(mine, eval_transform(loaded.data_config)), batch_size, _collate,
                             logits_of, torch_device, workers)
-    all_targets: list[torch.Tensor] = []
-    all_preds: list[torch.Tensor] = []
-    correct1 = correct_k = 0
-    loss_sum = 0.0
+    matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, top-1 hits, top-k hits
     skipped: list[tuple[str, str]] = []
     done = 0
     with torch.inference_mode():
         for logits, targets, errors in scored:
-            skipped += [(samples[done + i][0], reason) for i, reason in enumerate(errors) if reason is not None]
+            skipped += [(mine[done + i][0], reason) for i, reason in enumerate(errors) if reason is not None]
             done += len(errors)
             if logits is not None:
-                loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
                 # one topk gives the hit counts and the top-1 predictions the matrix needs
                 # (timm.utils.accuracy returns batch percentages, not counts or predictions)
                 top = logits.topk(k, dim=1).indices  # (B, k)
                 hits = top == targets[:, None]  # (B, k)
-                correct1 += hits[:, 0].sum().item()
-                correct_k += hits.any(dim=1).sum().item()
-                all_targets.append(targets)
-                all_preds.append(top[:, 0])
+                sums += torch.tensor([torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item(),
+                                      hits[:, 0].sum().item(), hits.any(dim=1).sum().item()], dtype=torch.float64)
+                matrix += confusion_matrix(targets, top[:, 0], num_classes)
             if on_batch is not None:
-                on_batch(done, len(samples))
+                on_batch(done, len(mine))
+    if rank.enabled:
+        matrix, sums, skipped = _summed_over_ranks(matrix, sums, skipped, group)
+        position = {path: i for i, (path, _) in enumerate(samples)}
+        skipped.sort(key=lambda pair: position[pair[0]])  # the one-process order
 
-    if not all_targets:
-        raise DatasetError(f"none of the {len(samples)} images in '{folder}' could be read")
-    matrix = confusion_matrix(torch.cat(all_targets), torch.cat(all_preds), num_classes)
     n_images = int(matrix.sum().item())
+    if n_images == 0:
+        raise DatasetError(f"none of the {len(samples)} images in '{folder}' could be read")
+    loss_sum, correct1, correct_k = sums.tolist()
     # Keep the folder's classes and every class that was predicted: all counts stay in the matrix.
     keep = sorted({target for _, target in samples} | set(matrix.sum(dim=0).nonzero().flatten().tolist()))
     labels = [loaded.labels[i] for i in keep]
     matrix = matrix[keep][:, keep]
     return EvalResult(
-        top1=correct1 / n_images,
+        top1=correct1 / n_images,  # hit counts summed as float64: exact up to 2**53 images
         top5=correct_k / n_images if num_classes > 5 else None,
         loss=loss_sum / n_images,
         n_images=n_images,
@@ -234,3 +242,15 @@ def evaluate_model(
         skipped=skipped,
         folder=str(folder),
     )
+
+
+def _summed_over_ranks(matrix: torch.Tensor, sums: torch.Tensor, skipped: list[tuple[str, str]],
+                       group: Any) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    """Every rank's counts added up (CPU tensors over a gloo group), unreadable files of all ranks."""
+    import torch.distributed as dist
+
+    dist.all_reduce(matrix, group=group)
+    dist.all_reduce(sums, group=group)
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, skipped, group=group)
+    return matrix, sums, [pair for part in everyone for pair in part]

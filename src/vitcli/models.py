@@ -6,7 +6,11 @@
   2. a model folder in timm's hub layout (``config.json`` + ``model.safetensors``), as
      ``timm.models.save_for_hf`` and ``vitcli finetune`` write it (``local-dir:`` prefix optional);
   3. any of those names plus ``--weights FILE`` (.safetensors, .pth/.pt/.bin state dicts, JAX .npz);
-  4. a name found in the local model store (``weights/`` or ``$VITCLI_WEIGHTS``), loaded offline.
+  4. a name found in the local model store (``weights/`` or ``$VITCLI_WEIGHTS``), loaded offline;
+  5. the name of a model shipped inside the package (``vitcli.embedded``: the default, DeiT-Tiny),
+     loaded offline; the store and explicit paths come first, the hub after;
+  6. a Hugging Face Hub repository, ``hf-hub:org/name`` (or a plain ``org/name`` that is no local path).
+A finetune run folder stands for its ``best/`` model (else ``last/``).
 """
 
 from __future__ import annotations
@@ -25,12 +29,10 @@ from typing import Any
 import timm
 from torch import nn
 
+from vitcli.embedded import DEFAULT_MODEL, embedded_model
 from vitcli.errors import HubUnreachableError, ModelLoadError, UnknownModelError, UsageError, first_line
 from vitcli.weightfiles import WEIGHT_SUFFIXES, load_weights
 
-# ViT-S/16 pretrained on ImageNet-21k and fine-tuned on ImageNet-1k (the paper's "pretrain large,
-# fine-tune" recipe, AugReg weights): 81.4% top-1 at 22M parameters, fast enough on a laptop CPU.
-DEFAULT_MODEL = "vit_small_patch16_224.augreg_in21k_ft_in1k"
 STORE_ENV = "VITCLI_WEIGHTS"
 HUB_PROBE_TIMEOUT_S = 3.0
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # org/name, as the Hugging Face Hub spells it
@@ -44,7 +46,7 @@ class LoadedModel:
     model: nn.Module
     name: str  # what the user asked for
     arch: str  # timm architecture name
-    source: str  # "hub", "cache", "local-dir", "store", "weights", "random"
+    source: str  # "hub", "local-dir", "store", "embedded", "weights", "random"
     labels: list[str]
     data_config: dict[str, Any] = field(default_factory=dict)
     folder: Path | None = None  # the model folder it was loaded from (a run folder's best/, ...)
@@ -170,6 +172,9 @@ def load_model(
             if pretrained:
                 load_weights(model, entry, new_head=num_classes is not None)
         source = "store"
+    elif (shipped := embedded_model(name)) is not None:
+        model = _create(f"local-dir:{shipped}", pretrained=pretrained, **kwargs)
+        arch, source = model.pretrained_cfg.get("architecture", name), "embedded"
     elif hub_id is not None:
         model = _create_from_hub(hub_id, pretrained, kwargs, implicit=hub_id != name)
         arch, source = model.pretrained_cfg.get("architecture", hub_id), "hub" if pretrained else "random"
@@ -191,7 +196,7 @@ def load_model(
         source=source,
         labels=labels or model_labels(model),
         data_config=data_config,
-        folder=folder if folder is not None else (entry if source == "store" and entry.is_dir() else None),
+        folder=folder if folder is not None else (entry if entry is not None and entry.is_dir() else None),
     )
 
 

@@ -1,17 +1,21 @@
-"""Batched prediction: image sources -> Prediction records. Never prints.
+"""Batched prediction: image sources -> Prediction records, streamed. Never prints; no torch at import.
 
 Decoding, resizing and cropping produce 8-bit images, and each batch is normalized in one
 vectorized step (``vitcli.data.EvalPipeline``). Where the decoding runs depends on the device: on
-a GPU, in DataLoader worker processes overlapped with the forward pass (``decoded_batches``); on the
-CPU, where both need the same cores, in per-core streams that each decode a batch and run the model
-on it (``scored_batches``).
+a GPU, in DataLoader worker processes overlapped with the forward pass; on the CPU, where both need
+the same cores, in per-core streams that each decode a batch and run the model on it
+(``vitcli.batching.scored_key_batches``). Sources are read lazily, a few batches ahead, and each
+batch's records are yielded as soon as it is done, in input order.
 A file that fails to load becomes a Prediction with ``error`` set and the other images in its batch
-are still predicted.
+are still predicted. ``with_input_problems`` puts the inputs that named no image in their place,
+for this predictor or any other (a torch-free ONNX Runtime one) that yields records in order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +24,7 @@ from vitcli.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
+    from vitcli.data import InputProblem
     from vitcli.models import LoadedModel
 
 
@@ -59,19 +64,20 @@ class PredictOptions:
     fast_decode: bool = True
 
 
-def predict(loaded: LoadedModel, sources: Sequence[str], options: PredictOptions = PredictOptions(),
+def predict(loaded: LoadedModel, sources: Iterable[str], options: PredictOptions = PredictOptions(),
             on_batch: Callable[[int], None] | None = None) -> Iterator[Prediction]:
-    """Yield one Prediction per source, in input order.
+    """Yield one Prediction per source, in input order, each batch as soon as it is done.
 
     Args:
         loaded: the model from ``vitcli.models.load_model``.
-        sources: image paths or URLs.
+        sources: image paths or URLs; any iterable, read lazily a few batches ahead (a generator
+            over a million paths is never held as a list).
         options: batch size, workers, device, precision, TTA, top-k.
         on_batch: called with the number of sources done after each batch (progress bars).
     """
     import torch
 
-    from vitcli.batching import ImageSourceDataset, collate_images, scored_batches
+    from vitcli.batching import SourceImages, collate_images, scored_key_batches
     from vitcli.data import draft_size_for, eval_pipeline
     from vitcli.devices import autocast, resolve_device
 
@@ -85,25 +91,24 @@ def predict(loaded: LoadedModel, sources: Sequence[str], options: PredictOptions
     top_k = min(options.top_k, loaded.num_classes)
     draft = draft_size_for(loaded.data_config) if options.fast_decode else None
     pipeline = eval_pipeline(loaded.data_config, fast=options.fast_decode)
-    dataset = ImageSourceDataset(sources, pipeline.per_image, draft, pipeline.load)
+    images = SourceImages(pipeline.per_image, draft, pipeline.load)
 
     def top_of(batch: tuple[torch.Tensor | None, list]) -> tuple[list, list, list]:
         """(uint8 images, errors) -> (top-k indices, top-k probs, errors); runs in stream threads."""
-        images, errors = batch
-        if images is None:
+        pixels, errors = batch
+        if pixels is None:
             return [], [], errors
         with torch.inference_mode():  # per thread, like autocast: a fresh context for every batch
-            x = pipeline.to_batch(images.to(device, non_blocking=True))  # uint8 travels, then normalize
+            x = pipeline.to_batch(pixels.to(device, non_blocking=True))  # uint8 travels, then normalize
             probs = forward_probs(model, x, autocast(device, options.precision), options.tta)
             values, indices = probs.topk(top_k, dim=1)
         return indices.cpu().tolist(), values.float().cpu().tolist(), errors
 
-    start = 0
-    for indices, values, errors in scored_batches(dataset, options.batch_size, collate_images, top_of, device,
-                                                  options.workers):
+    done = 0
+    for batch, (indices, values, errors) in scored_key_batches(images, sources, options.batch_size, collate_images,
+                                                               top_of, device, options.workers):
         row = 0
-        for offset, error in enumerate(errors):
-            source = sources[start + offset]
+        for source, error in zip(batch, errors, strict=True):
             if error is not None:
                 yield Prediction(source, error=error)
                 continue
@@ -112,9 +117,55 @@ def predict(loaded: LoadedModel, sources: Sequence[str], options: PredictOptions
                 for rank, (idx, p) in enumerate(zip(indices[row], values[row], strict=True))
             ])
             row += 1
-        start += len(errors)
+        done += len(batch)
         if on_batch is not None:
-            on_batch(start)
+            on_batch(done)
+
+
+def with_input_problems(items: Iterable[str | InputProblem],
+                        predict_sources: Callable[[Iterator[str]], Iterable[Prediction]]) -> Iterator[Prediction]:
+    """Records for a stream of sources and input problems, in their order.
+
+    ``predict_sources`` gets the image sources only (lazily) and must yield one record per source in
+    order, as ``predict`` does (or a torch-free predictor); each input problem becomes a failed
+    record in its place. Nothing is held but the problems met between two records.
+    """
+    pending: deque[tuple[int, InputProblem]] = deque()  # (sources pulled before it, problem)
+    pulled = 0
+
+    def sources() -> Iterator[str]:
+        nonlocal pulled
+        for item in items:
+            if isinstance(item, str):
+                pulled += 1
+                yield item
+            else:
+                pending.append((pulled, item))
+
+    emitted = 0
+    for record in predict_sources(sources()):
+        while pending and pending[0][0] <= emitted:
+            yield _failed(pending.popleft()[1])
+        yield record
+        emitted += 1
+    while pending:  # the problems after the last source (read when the stream ran dry)
+        yield _failed(pending.popleft()[1])
+
+
+def _failed(problem: InputProblem) -> Prediction:
+    return Prediction(problem.source, error=problem.reason)
+
+
+def first_source(items: Iterable[str | InputProblem]) -> tuple[list[InputProblem], Iterator[str | InputProblem] | None]:
+    """The input problems before the first image source, and the stream from that source on (None
+    when there is no source at all: then nothing needs a model, and the caller reports the problems)."""
+    items = iter(items)
+    leading: list[InputProblem] = []
+    for item in items:
+        if isinstance(item, str):
+            return leading, itertools.chain([item], items)
+        leading.append(item)
+    return leading, None
 
 
 def forward_probs(model: torch.nn.Module, images: torch.Tensor, precision_ctx: Any,

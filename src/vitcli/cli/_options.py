@@ -8,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-# Keep in sync with vitcli.models.DEFAULT_MODEL (not imported here: it would import torch).
-DEFAULT_MODEL = "vit_small_patch16_224.augreg_in21k_ft_in1k"
+from vitcli.embedded import DEFAULT_MODEL as DEFAULT_MODEL  # torch-free: the one definition, as vitcli.models
 
 
 class Device(str, Enum):
@@ -27,7 +26,8 @@ class Precision(str, Enum):
 
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m",
-    help="timm name[.tag] (weights from the Hugging Face Hub, cached), a model folder "
+    help="The shipped DeiT-Tiny by default (offline). A timm name[.tag] (weights from the Hugging Face Hub, "
+         "cached; e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k for accuracy), a model folder "
          "(config.json + model.safetensors, e.g. runs/finetune/exp/best), or a name in the weights/ store.",
 )]
 WeightsOpt = Annotated[Path | None, typer.Option(

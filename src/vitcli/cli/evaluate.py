@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,7 @@ import typer
 
 from vitcli.cli._errors import handled_errors
 from vitcli.cli._options import (
+    DEFAULT_MODEL,
     BatchSizeOpt,
     Device,
     DeviceOpt,
@@ -29,8 +31,9 @@ def evaluate(
     model: Annotated[str, typer.Option(
         "--model", "-m",
         help="A finetune run folder (runs/finetune/NAME: its best/ model), a model folder "
-             "(config.json + model.safetensors), a timm name[.tag] or a name in the weights/ store.",
-        metavar="RUN_OR_MODEL", show_default=False)],
+             "(config.json + model.safetensors), a timm name[.tag] or a name in the weights/ store "
+             "(default: the shipped ImageNet DeiT-Tiny).",
+        metavar="RUN_OR_MODEL")] = DEFAULT_MODEL,
     weights: WeightsOpt = None,
     split: Annotated[str | None, typer.Option(
         "--split", "-s", help="Evaluate DATA/NAME (e.g. val, test, train) instead of the automatic choice.",
@@ -60,31 +63,57 @@ def evaluate(
 
     Unreadable images are listed on stderr and skipped; the scores cover the rest, and the exit
     code is then 1 (as for predict: exit 1 if any input failed). --strict stops at the first one.
+
+    Under torchrun (torchrun --nproc-per-node N -m vitcli evaluate DATA) each process scores every
+    N-th image on its own device; the counts are summed and rank 0 reports the whole folder.
     """
     with handled_errors():
-        from vitcli.console import err
-        from vitcli.evaluate import evaluate_model
-        from vitcli.models import load_model
+        from vitcli.sharding import torchrun_rank
 
-        with err.status(f"loading {model}"):
-            loaded = load_model(model, weights)
-        if loaded.folder is not None and loaded.folder != Path(model.removeprefix("local-dir:")).expanduser():
-            err.print(f"using the model folder {loaded.folder}", highlight=False)
-        with progress_bar("evaluate") as on_batch:
-            result = evaluate_model(loaded, data, split=split, batch_size=batch_size, workers=workers,
-                                    device=device.value, precision=precision.value, strict=strict,
-                                    on_batch=on_batch)
-        for path, reason in result.skipped:
-            err.print(f"[bold red]Error:[/] {escape(path)}: {escape(reason)}", highlight=False)
-        if confusion_png is not None:
-            from vitcli.plots import save_confusion_matrix
+        rank, group, device_name = torchrun_rank(), None, device.value
+        if rank.enabled:
+            from vitcli.sharding import init_process_group
 
-            title = f"{loaded.name} on {result.folder}"
-            save_confusion_matrix(result.matrix, result.labels, confusion_png, title=title)
-            err.print(f"wrote {confusion_png}", highlight=False)
-        _report(result, json_out)
+            rank, device_name, group = init_process_group(device.value)
+        try:
+            _evaluate(data, model, weights, split, json_out, confusion_png, batch_size, workers, device_name,
+                      precision.value, strict, rank, group)
+        finally:
+            if rank.enabled:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+
+
+def _evaluate(data, model, weights, split, json_out, confusion_png, batch_size, workers, device, precision, strict,
+              rank, group) -> None:
+    """One process's part; under torchrun every rank scores its share and rank 0 reports the sum."""
+    from vitcli.console import err
+    from vitcli.evaluate import evaluate_model
+    from vitcli.models import load_model
+
+    with err.status(f"loading {model}") if rank.main else contextlib.nullcontext():
+        loaded = load_model(model, weights)
+    if rank.main and loaded.folder is not None and loaded.folder != Path(model.removeprefix("local-dir:")).expanduser():
+        err.print(f"using the model folder {loaded.folder}", highlight=False)
+    with progress_bar("evaluate") if rank.main else contextlib.nullcontext(lambda done, total: None) as on_batch:
+        result = evaluate_model(loaded, data, split=split, batch_size=batch_size, workers=workers, device=device,
+                                precision=precision, strict=strict, on_batch=on_batch, rank=rank, group=group)
+    if not rank.main:
         if result.skipped:
             raise typer.Exit(1)
+        return
+    for path, reason in result.skipped:
+        err.print(f"[bold red]Error:[/] {escape(path)}: {escape(reason)}", highlight=False)
+    if confusion_png is not None:
+        from vitcli.plots import save_confusion_matrix
+
+        title = f"{loaded.name} on {result.folder}"
+        save_confusion_matrix(result.matrix, result.labels, confusion_png, title=title)
+        err.print(f"wrote {confusion_png}", highlight=False)
+    _report(result, json_out)
+    if result.skipped:
+        raise typer.Exit(1)
 
 
 def _report(result, json_out: bool) -> None:

@@ -1,13 +1,14 @@
-"""`vitcli predict`: top-k labels for images, folders, globs, lists and URLs."""
+"""`vitcli predict`: top-k labels for images, folders, globs, lists and URLs, streamed as they are done."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from vitcli.cli._errors import fail, handled_errors
+from vitcli.cli._errors import handled_errors
 from vitcli.cli._options import (
     DEFAULT_MODEL,
     BatchSizeOpt,
@@ -32,10 +33,20 @@ def predict(
     weights: WeightsOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels to show per image.")] = 5,
     files_from: Annotated[str | None, typer.Option(
-        "--files-from", "-f", help="Text file with one image path or URL per line; '-' reads stdin.")] = None,
+        "--files-from", "-f", help="Text file with one image path or URL per line, read as it goes; '-' reads stdin.")
+    ] = None,
     json_out: JsonOpt = False,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Append every record to this .jsonl or .csv file as its batch is done. Rerun the "
+                               "same command to resume: sources already in the file are skipped.",
+        metavar="FILE")] = None,
     csv_out: Annotated[Path | None, typer.Option(
-        "--csv", help="Also write every prediction to this CSV file (source,rank,index,label,prob,error).")] = None,
+        "--csv", help="Also write every prediction to this CSV file (source,rank,index,label,prob,error), "
+                      "batch by batch; an existing file is replaced.", metavar="FILE")] = None,
+    shard: Annotated[str | None, typer.Option(
+        "--shard", help="Predict only slice I of N (I from 0) of the inputs, in order, for job arrays: "
+                        "concatenating the N outputs in shard order gives the one-process output.",
+        metavar="I/N")] = None,
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
@@ -45,118 +56,94 @@ def predict(
         "--exact-decode", help="Decode JPEGs at full size (slower; by default libjpeg downscales large "
                                "photos, never below the model's resize target).")] = False,
 ) -> None:
-    """Predict the top-k labels of images.
+    """Predict the top-k labels of images, streaming results as each batch is done, in input order.
 
-    Example: vitcli predict photos/ cat.jpg --model deit_tiny_patch16_224 --top-k 3
+    Example: vitcli predict photos/ cat.jpg --top-k 3 --output predictions.jsonl
 
     --json prints JSON Lines: one object per image, {"source", "predictions": [{"rank", "index",
     "label", "prob"}], "error"}, in input order. An input that names no image (a missing file, an
     empty folder, a glob with no match) gets an object too, with its error and no predictions.
     Errors are also printed to stderr, one line each. Exit code 1 if any input failed (the rest are
-    still predicted).
+    still predicted), 130 on Ctrl-C (files keep whole records; rerun with the same --output to resume).
+
+    Under torchrun (torchrun --nproc-per-node N -m vitcli predict ...) each process predicts its
+    share on its own device and rank 0 writes every record, in input order.
     """
     with handled_errors():
-        from vitcli.data import expand_inputs, read_path_list
+        from vitcli.predict import PredictOptions
+        from vitcli.sharding import Shard, torchrun_rank
+        from vitcli.streaming import PredictJob
 
-        raw = list(inputs or [])
-        if files_from is not None:
-            raw += read_path_list(files_from)
-        if not raw:
-            raise fail("no images given; pass files, folders, globs or URLs, or --files-from FILE", 2)
-        sources, problems = expand_inputs(raw)
-        # the model loads even when no input exists, so a bad --model is reported as such (exit 2)
-        results = _run(sources, model, weights, top_k, batch_size, workers, device, precision, tta,
-                       not exact_decode)
-        records = _in_input_order(results, problems)
-        _report(records, json_out, csv_out)
-        if not all(r.ok for r in records):
+        job = PredictJob(list(inputs or []), files_from, output, shard=Shard.parse(shard) if shard else None,
+                         rank=torchrun_rank())
+        options = PredictOptions(top_k=top_k, batch_size=batch_size, workers=workers, device=device.value,
+                                 precision=precision.value, tta=tta, fast_decode=not exact_decode)
+        _run(job, options, model, weights, json_out, csv_out)
+        if not job.tally.ok:
             raise typer.Exit(1)
 
 
-def _in_input_order(results, problems):
-    """Predictions with each input problem as a failed Prediction, in the order of the inputs."""
-    from vitcli.predict import Prediction
+def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out: Path | None) -> None:
+    """Open the outputs, stream the records into them, close them whatever happens."""
+    import dataclasses
 
-    records, done = [], 0
-    for problem in problems:  # in input order, so ``before`` only grows
-        records += results[done:problem.before]
-        records.append(Prediction(problem.source, error=problem.reason))
-        done = problem.before
-    return records + results[done:]
-
-
-def _run(sources, model, weights, top_k, batch_size, workers, device, precision, tta, fast_decode):
     from vitcli.console import err
-    from vitcli.models import load_model
-    from vitcli.predict import PredictOptions
-    from vitcli.predict import predict as run_predict
 
-    with err.status(f"loading {model}"):
-        loaded = load_model(model, weights)
-    options = PredictOptions(top_k=top_k, batch_size=batch_size, workers=workers, device=device.value,
-                             precision=precision.value, tta=tta, fast_decode=fast_decode)
-    stream = run_predict(loaded, sources, options)
-    if len(sources) < PROGRESS_MIN_IMAGES:
-        return list(stream)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    group = None
+    if job.rank.enabled:
+        from vitcli.sharding import broadcast, init_process_group
 
-    results = []
-    columns = [TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task("predict", total=len(sources))
-        for result in stream:
-            results.append(result)
-            progress.advance(task)
-    return results
+        job.rank, device, group = init_process_group(options.device)
+        options = dataclasses.replace(options, device=device)
+    csv_file = None
+    progress = None
+    try:
+        job.open()
+        if job.rank.enabled:
+            job.done = broadcast(job.done, group)
+        sinks: list[Any] = []
+        if job.rank.main:
+            from vitcli.cli._render import ErrorLines, ProgressSink, TableSink
+            from vitcli.records import CsvWriter, JsonlWriter
 
+            progress = ProgressSink(job, PROGRESS_MIN_IMAGES)  # after open(): it counts what is left to do
+            sinks.append(ErrorLines())
+            sinks.append(JsonlWriter(sys.stdout) if json_out else TableSink())
+            if csv_out is not None:
+                csv_out.parent.mkdir(parents=True, exist_ok=True)
+                csv_file = csv_out.open("w", newline="", encoding="utf-8")
+                sinks.append(CsvWriter(csv_file))
+            if job.opened is not None:
+                sinks.append(job.opened.writer)
+                if len(job.done):
+                    err.print(f"{job.output}: {len(job.done)} sources already done, skipping them", highlight=False)
+            sinks.append(progress)
 
-def _report(records, json_out: bool, csv_out: Path | None) -> None:
-    import json
+        def load():
+            import contextlib
 
-    from rich.markup import escape
+            from vitcli.models import load_model
 
-    from vitcli.console import err, out
+            with err.status(f"loading {model}") if job.rank.main else contextlib.nullcontext():
+                return load_model(model, weights)
 
-    for r in records:
-        if not r.ok:
-            err.print(f"[bold red]Error:[/] {escape(f'{r.source}: {r.error}')}", highlight=False)
-    if csv_out is not None:
-        _write_csv(csv_out, records)
-    if json_out:
-        for r in records:
-            record = {"source": r.source, "predictions": [vars(label) for label in r.top], "error": r.error}
-            out.out(json.dumps(record), highlight=False)
-        return
-    ok = [r for r in records if r.ok]
-    if ok:
-        out.print(_table(ok))
+        from vitcli.streaming import write_records
 
+        write_records(job.records(load, options, group=group), sinks, job.tally)
+    except KeyboardInterrupt:
+        if progress is not None:
+            progress.stop()
+        where = f"; rerun the same command to resume from {job.output}" if job.output else ""
+        err.print(f"[bold red]Error:[/] interrupted after {job.tally.written} records{where}", highlight=False)
+        raise typer.Exit(130) from None
+    finally:
+        if progress is not None:
+            progress.stop()
+        job.close()
+        if csv_file is not None:
+            csv_file.close()
+        if group is not None or job.rank.enabled:
+            import torch.distributed as dist
 
-def _table(results):
-    from rich.table import Table
-
-    table = Table(show_lines=False, header_style="bold")
-    table.add_column("image", overflow="fold")
-    table.add_column("#", justify="right")
-    table.add_column("label")
-    table.add_column("prob", justify="right")
-    for r in results:
-        for label in r.top:
-            table.add_row(r.source if label.rank == 1 else "", str(label.rank), label.label,
-                          f"{label.prob:.4f}", end_section=label.rank == len(r.top))
-    return table
-
-
-def _write_csv(path: Path, records) -> None:
-    import csv
-
-    from vitcli.fileio import atomic_open
-
-    with atomic_open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["source", "rank", "index", "label", "prob", "error"])
-        for r in records:
-            if not r.ok:
-                writer.writerow([r.source, "", "", "", "", r.error])
-            for label in r.top:
-                writer.writerow([r.source, label.rank, label.index, label.label, f"{label.prob:.6f}", ""])
+            if dist.is_initialized():
+                dist.destroy_process_group()

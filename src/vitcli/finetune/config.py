@@ -14,10 +14,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from vitcli.embedded import DEFAULT_MODEL
 from vitcli.errors import UsageError
-
-# The same as vitcli.models.DEFAULT_MODEL (not imported: vitcli.models imports torch); a test keeps them equal.
-DEFAULT_MODEL = "vit_small_patch16_224.augreg_in21k_ft_in1k"
 
 # timm schedulers that can be stepped per optimizer update (plateau needs a metric per epoch)
 SCHEDULES = ("cosine", "tanh", "poly", "wsd", "constant")
