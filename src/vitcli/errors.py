@@ -55,6 +55,14 @@ class MissingExtraError(VitcliError):
     """An optional dependency that is not installed."""
 
 
+class ExportError(VitcliError):
+    """A model that could not be exported to the asked format."""
+
+
+class VerificationError(VitcliError):
+    """An exported file whose outputs differ from PyTorch's past the tolerance (exit code 1)."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (or its type's name): library errors can run to pages."""
     text = str(e).strip().splitlines()

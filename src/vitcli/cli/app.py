@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from vitcli import __version__
-from vitcli.cli import evaluate, finetune, predict, weights
+from vitcli.cli import benchmark, evaluate, export, finetune, predict, weights
 
 app = typer.Typer(
     name="vitcli",
@@ -37,6 +37,8 @@ def root(
 app.command("predict")(predict.predict)
 app.command("evaluate")(evaluate.evaluate)
 app.command("finetune")(finetune.finetune)
+app.command("export")(export.export)
+app.command("benchmark")(benchmark.benchmark)
 app.add_typer(weights.app, name="weights")
 
 

@@ -87,15 +87,21 @@ def _in_input_order(results, problems):
 
 def _run(sources, model, weights, top_k, batch_size, workers, device, precision, tta, fast_decode):
     from vitcli.console import err
-    from vitcli.models import load_model
-    from vitcli.predict import PredictOptions
-    from vitcli.predict import predict as run_predict
 
-    with err.status(f"loading {model}"):
-        loaded = load_model(model, weights)
-    options = PredictOptions(top_k=top_k, batch_size=batch_size, workers=workers, device=device.value,
-                             precision=precision.value, tta=tta, fast_decode=fast_decode)
-    stream = run_predict(loaded, sources, options)
+    if model.endswith(".onnx"):  # ONNX Runtime, no torch: preprocessing and labels from the file
+        from vitcli.runtime import load_onnx, predict_onnx
+
+        stream = predict_onnx(load_onnx(model, device.value), sources, top_k, batch_size, tta)
+    else:
+        from vitcli.models import load_model
+        from vitcli.predict import PredictOptions
+        from vitcli.predict import predict as run_predict
+
+        with err.status(f"loading {model}"):
+            loaded = load_model(model, weights)
+        options = PredictOptions(top_k=top_k, batch_size=batch_size, workers=workers, device=device.value,
+                                 precision=precision.value, tta=tta, fast_decode=fast_decode)
+        stream = run_predict(loaded, sources, options)
     if len(sources) < PROGRESS_MIN_IMAGES:
         return list(stream)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
