@@ -178,7 +178,8 @@ def build_backends(loaded: Any, names: Sequence[str], workdir: Path, say: Callab
 
 
 def _onnx_file(loaded: Any, workdir: Path, int8: bool, say: Callable[[str], None]) -> Path:
-    from vitcli.export import ExportOptions, _quiet_exporters, export_metadata, export_onnx, write_onnx
+    from vitcli.export import ExportOptions, _quiet_exporters, export_metadata
+    from vitcli.exporters import export_onnx, write_onnx
 
     fp32 = workdir / "model.onnx"
     if not fp32.exists():
@@ -191,7 +192,7 @@ def _onnx_file(loaded: Any, workdir: Path, int8: bool, say: Callable[[str], None
         return fp32
     import onnx
 
-    from vitcli.export import read_metadata
+    from vitcli.exporters import read_metadata
     from vitcli.quantize import quantize_int8
 
     path = workdir / "model.int8.onnx"
@@ -207,7 +208,8 @@ def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Seq
                   repeats: int = 10, warmup: int = 2, backends: Sequence[str] | None = None,
                   say: Callable[[str], None] | None = None) -> BenchmarkResult:
     """Time ``name`` on every backend and batch size; see the module docstring."""
-    from vitcli.export import TOLERANCES, data_config_of, export_metadata, load_exportable
+    from vitcli.export import TOLERANCES, export_metadata, load_exportable
+    from vitcli.exporters import data_config_of
     from vitcli.verify import batch_of, compare, generated_images, run_batched
 
     say = say or (lambda _: None)
