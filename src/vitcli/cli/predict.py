@@ -49,6 +49,9 @@ def predict(
 
     Example: vitcli predict photos/ cat.jpg --model deit_tiny_patch16_224 --top-k 3
 
+    An exported .onnx file (`vitcli export`), as --model or as the first argument, runs on ONNX
+    Runtime without torch: vitcli predict model.onnx cat.jpg
+
     --json prints JSON Lines: one object per image, {"source", "predictions": [{"rank", "index",
     "label", "prob"}], "error"}, in input order. An input that names no image (a missing file, an
     empty folder, a glob with no match) gets an object too, with its error and no predictions.
@@ -59,6 +62,8 @@ def predict(
         from vitcli.data import expand_inputs, read_path_list
 
         raw = list(inputs or [])
+        if model == DEFAULT_MODEL and raw and raw[0].endswith(".onnx"):  # `vitcli predict model.onnx img.jpg`
+            model, raw = raw[0], raw[1:]
         if files_from is not None:
             raw += read_path_list(files_from)
         if not raw:
