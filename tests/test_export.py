@@ -141,6 +141,19 @@ def test_calibration_must_not_be_the_verification_images(tiny_model_dir, images)
         export_model(str(tiny_model_dir), options=options)
 
 
+def test_fp16_files_are_verified_with_the_fp16_tolerance(tiny_model_dir, tmp_path):
+    result = runner.invoke(app, ["export", "-m", str(tiny_model_dir), "--precision", "fp16", "-f", "onnx",
+                                 "-o", str(tmp_path / "half"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    (f,) = json.loads(result.stdout)["files"]
+    assert f["path"].endswith("half.fp16.onnx") and f["precision"] == "fp16" and f["ok"]
+    assert 0 < f["verifications"][0]["max_abs_logit"] < TOLERANCES["fp16"].max_abs_logit
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(f["path"], providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(float16)"
+
+
 # ------------------------------------------------------------------------------- dynamic size
 
 

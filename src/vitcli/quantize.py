@@ -21,7 +21,6 @@ import numpy as np
 
 from vitcli.cpuinfo import has_vnni
 
-
 RANK_IMAGES = 32  # calibration images used to rank the MatMuls (agreement is measured on all of them)
 
 

@@ -105,21 +105,22 @@ def export(
 
 
 def _table(result):
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(header_style="bold", title=f"{result.metadata['architecture']} ({len(result.metadata['labels'])} "
-                                             f"classes, vitcli {result.metadata['vitcli_version']})")
-    for name, justify in (("file", "left"), ("format", "left"), ("precision", "left"), ("MB", "right"),
-                          ("size", "right"), ("max |Δlogit|", "right"), ("top-1 agree", "right"),
-                          ("mean KL", "right"), ("check", "left")):
-        table.add_column(name, justify=justify, overflow="fold")
+    folders = sorted({str(f.path.parent) for f in result.files})
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD,
+                  title=f"{result.metadata['architecture']} ({len(result.metadata['labels'])} classes) in "
+                        f"{escape(', '.join(folders))}")
+    for name in ("file", "MB", "size", "max |Δlogit|", "top-1", "mean KL", "check"):
+        table.add_column(name, justify="left" if name in ("file", "check") else "right",
+                         no_wrap=name not in ("file", "check"), overflow="fold")
     for f in result.files:
         rows = f.verifications or [None]
         for i, v in enumerate(rows):
             first = i == 0
-            cells = [escape(str(f.path)) if first else "", f.format if first else "", f.precision if first else "",
-                     f"{f.bytes / 1e6:.1f}" if first else ""]
+            cells = [escape(f.path.name) if first else "", f"{f.bytes / 1e6:.1f}" if first else ""]
             if v is None:
                 cells += ["", "", "", "", "not verified"]
             else:
