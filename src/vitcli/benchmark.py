@@ -11,6 +11,7 @@ fraction of it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -171,7 +172,8 @@ def build_backends(loaded: Any, names: Sequence[str], workdir: Path, say: Callab
             if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
                 skipped[name] = "this GPU has no native bf16"
                 continue
-            runners[name] = (name.removeprefix("cuda-"), _torch_runner(model, "cuda", dtype))
+            # a copy: .to() moves a module in place, and the CPU rows keep using this one
+            runners[name] = (name.removeprefix("cuda-"), _torch_runner(copy.deepcopy(model), "cuda", dtype))
         else:
             raise UsageError(f"unknown backend '{name}'; choose from {', '.join(BACKENDS + CUDA_BACKENDS)}")
     return runners, skipped

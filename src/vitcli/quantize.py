@@ -118,12 +118,12 @@ def accuracy_aware_int8(model: Any, run: Callable[[Any, np.ndarray], np.ndarray]
             say(f"int8: ranked {i + 1}/{len(nodes)} MatMuls by their effect alone")
     ranked = sorted(nodes, key=harm.__getitem__, reverse=True)
     keep = 1
-    while keep <= len(ranked):
+    while ranked:
         candidate = quantize_int8(model, exclude=ranked[:keep])
         agreement = top1_agreement(reference, run(candidate, calibration))
         result = Int8Result(candidate, ranked[:keep], len(nodes) - keep, agreement, [*result.steps, (keep, agreement)])
         say(f"int8: {keep} MatMuls kept fp32: {agreement:.1%} top-1 agreement on calibration images")
-        if agreement >= target:
-            return result
-        keep = keep + 1 if keep < 4 else int(keep * 1.5)  # finer steps first: a few MatMuls usually suffice
-    return result  # the best this could do; the caller reports that it fell short
+        if agreement >= target or keep == len(ranked):
+            break
+        keep = min(len(ranked), keep + 1 if keep < 4 else int(keep * 1.5))  # fine steps first: a few usually do
+    return result  # the target reached, or every MatMul in fp32 (the caller reports a shortfall)
