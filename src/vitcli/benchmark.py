@@ -3,7 +3,8 @@
 Every backend runs the same random batch; timings interleave the backends repeat by repeat (so a
 noisy, shared machine slows them alike), after warm-up. Each backend's logits on the verification
 images are checked against torch eager fp32 with export's tolerances, and only verified options
-can be named fastest. The matrix-multiply rate is measured per dtype on square products; each row's
+can be named fastest (checked on generated images unless ``verify_images`` are given). The matrix-multiply
+rate is measured per dtype on square products; each row's
 achieved FLOP rate (GFLOPs/image from torch's FLOP counter, fused attention off) is shown as a
 fraction of it.
 """
@@ -208,11 +209,11 @@ def _onnx_file(loaded: Any, workdir: Path, int8: bool, say: Callable[[str], None
 
 def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Sequence[int] = (1, 8, 32),
                   repeats: int = 10, warmup: int = 2, backends: Sequence[str] | None = None,
-                  say: Callable[[str], None] | None = None) -> BenchmarkResult:
+                  verify_images: Sequence[str] = (), say: Callable[[str], None] | None = None) -> BenchmarkResult:
     """Time ``name`` on every backend and batch size; see the module docstring."""
     from vitcli.export import TOLERANCES, export_metadata, load_exportable
     from vitcli.exporters import data_config_of
-    from vitcli.verify import batch_of, compare, generated_images, run_batched
+    from vitcli.verify import batch_of, compare, run_batched, verification_images
 
     say = say or (lambda _: None)
     if not batch_sizes or min(batch_sizes) < 1:
@@ -248,7 +249,7 @@ def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Seq
             onnx_names = [n for n in names if n.startswith("onnxruntime")]
             runners, result.skipped = build_backends(loaded, [n for n in names if n not in onnx_names], Path(tmp), say)
             result.skipped.update(dict.fromkeys(onnx_names, str(e)))
-        verify = batch_of(generated_images(), data_config_of(meta))
+        verify = batch_of(verification_images(verify_images)[0], data_config_of(meta))
         reference = run_batched(runners["torch-fp32"][1] if "torch-fp32" in runners
                                 else _torch_runner(model, "cpu", None), verify, 16)
         checks = {}

@@ -5,16 +5,17 @@ VNNI, x86's u8 x s8 multiply-add saturates at 16 bits, so weights use 7 bits (``
 Only MatMuls with a constant weight are quantized (``MatMulConstBOnly``): the attention products
 q @ k^T and attn @ v stay fp32.
 
-The accuracy-aware mode ranks those MatMuls by how much quantizing each one alone moves the output
-distribution (mean KL divergence from fp32 on calibration images) and keeps the worst in fp32,
-more at each step, until top-1 agreement with fp32 on the calibration images reaches the target.
+The accuracy-aware mode ranks those MatMuls by how much keeping each one alone in fp32 brings the
+int8 model's output distribution closer to fp32's (mean KL divergence on calibration images) and
+keeps the top ones in fp32, more at each step, until top-1 agreement with fp32 on the calibration
+images reaches the target.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -112,18 +113,23 @@ def accuracy_aware_int8(model: Any, run: Callable[[Any, np.ndarray], np.ndarray]
     harm = {}
     # ranking needs each MatMul's harm relative to the others, not every image: an evenly spread sample
     pick = np.linspace(0, len(calibration) - 1, min(RANK_IMAGES, len(calibration))).round().astype(int)
-    for i, name in enumerate(nodes):  # each MatMul quantized alone: how far does it move the output?
-        harm[name] = mean_kl(reference[pick], run(quantize_int8(model, only=[name]), calibration[pick]))
+    full_kl = mean_kl(reference[pick], run(full, calibration[pick]))
+    for i, name in enumerate(nodes):  # how much closer to fp32 does the int8 model get with this one MatMul fp32?
+        harm[name] = full_kl - mean_kl(reference[pick], run(quantize_int8(model, exclude=[name]), calibration[pick]))
         if (i + 1) % 10 == 0:
-            say(f"int8: ranked {i + 1}/{len(nodes)} MatMuls by their effect alone")
+            say(f"int8: ranked {i + 1}/{len(nodes)} MatMuls by what keeping each in fp32 gains")
     ranked = sorted(nodes, key=harm.__getitem__, reverse=True)
+    best = result
     keep = 1
     while ranked:
         candidate = quantize_int8(model, exclude=ranked[:keep])
         agreement = top1_agreement(reference, run(candidate, calibration))
-        result = Int8Result(candidate, ranked[:keep], len(nodes) - keep, agreement, [*result.steps, (keep, agreement)])
+        steps = [*best.steps, (keep, agreement)]
         say(f"int8: {keep} MatMuls kept fp32: {agreement:.1%} top-1 agreement on calibration images")
+        # agreement need not grow with every MatMul kept (flips of near-ties): keep the best so far
+        best = (Int8Result(candidate, ranked[:keep], len(nodes) - keep, agreement, steps)
+                if agreement > best.calibration_agreement else replace(best, steps=steps))
         if agreement >= target or keep == len(ranked):
             break
         keep = min(len(ranked), keep + 1 if keep < 4 else int(keep * 1.5))  # fine steps first: a few usually do
-    return result  # the target reached, or every MatMul in fp32 (the caller reports a shortfall)
+    return best  # the target reached, or the best found (the caller reports a shortfall)
