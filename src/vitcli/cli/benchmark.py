@@ -79,7 +79,12 @@ def _render(result, out) -> None:
                       f"{speedup:.2f}x" if speedup else "",
                       f"{r.fraction_of_peak:.0%} {r.dtype}" if r.fraction_of_peak is not None else "",
                       f"{r.top1_agreement:.1%}", "[green]yes[/]" if r.verified else "[red]no[/]")
-    out.print(table, width=max(out.width, 120), crop=False)  # figures, not folded into 80 columns
+    if out.is_terminal:
+        out.print(table)
+    else:  # piped or redirected: rich would fold the figures into 80 columns
+        from rich.console import Console
+
+        Console(file=out.file, width=130, soft_wrap=True).print(table)
     for backend, reason in result.skipped.items():
         out.print(f"skipped {backend}: {reason}", highlight=False, markup=False)
     for bs in sorted({r.batch_size for r in result.rows}):
