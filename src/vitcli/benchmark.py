@@ -2,11 +2,10 @@
 
 Every backend runs the same random batch; timings interleave the backends repeat by repeat (so a
 noisy, shared machine slows them alike), after warm-up. Each backend's logits on the verification
-images are checked against torch eager fp32 with export's tolerances, and only verified options
-can be named fastest (checked on generated images unless ``verify_images`` are given). The matrix-multiply
-rate is measured per dtype on square products; each row's
-achieved FLOP rate (GFLOPs/image from torch's FLOP counter, fused attention off) is shown as a
-fraction of it.
+images (generated ones unless ``verify_images`` are given) are checked against torch eager fp32
+with export's tolerances, and only verified options can be named fastest. The matrix-multiply rate
+is measured per dtype on square products; each row's achieved FLOP rate (GFLOPs/image from torch's
+FLOP counter, fused attention off) is shown as a fraction of it.
 """
 
 from __future__ import annotations
