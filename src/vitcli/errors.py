@@ -88,6 +88,14 @@ class RankFailedError(VitcliError):
         self.exit_code = exit_code
 
 
+class ExportError(VitcliError):
+    """A model that could not be exported to the asked format."""
+
+
+class VerificationError(VitcliError):
+    """An exported file whose outputs differ from PyTorch's past the tolerance (exit code 1)."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (or its type's name): library errors can run to pages."""
     text = str(e).strip().splitlines()

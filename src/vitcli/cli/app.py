@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from vitcli import __version__
-from vitcli.cli import evaluate, finetune, patches, predict, weights
+from vitcli.cli import benchmark, evaluate, export, finetune, patches, predict, weights
 
 app = typer.Typer(
     name="vitcli",
@@ -38,6 +38,8 @@ app.command("predict")(predict.predict)
 app.command("evaluate")(evaluate.evaluate)
 app.command("finetune")(finetune.finetune)
 app.command("patches")(patches.patches)
+app.command("export")(export.export)
+app.command("benchmark")(benchmark.benchmark)
 app.add_typer(weights.app, name="weights")
 
 

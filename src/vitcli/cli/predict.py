@@ -60,6 +60,9 @@ def predict(
 
     Example: vitcli predict photos/ cat.jpg --top-k 3 --output predictions.jsonl
 
+    An exported .onnx file (`vitcli export`), as --model or as the first argument, runs on ONNX
+    Runtime without torch: vitcli predict model.onnx cat.jpg
+
     --json prints JSON Lines: one object per image, {"source", "predictions": [{"rank", "index",
     "label", "prob"}], "error"}, in input order. An input that names no image (a missing file, an
     empty folder, a glob with no match) gets an object too, with its error and no predictions.
@@ -74,7 +77,10 @@ def predict(
         from vitcli.sharding import Shard, torchrun_rank
         from vitcli.streaming import PredictJob
 
-        job = PredictJob(list(inputs or []), files_from, output, shard=Shard.parse(shard) if shard else None,
+        raw = list(inputs or [])
+        if model == DEFAULT_MODEL and raw and raw[0].endswith(".onnx"):  # `vitcli predict model.onnx img.jpg`
+            model, raw = raw[0], raw[1:]
+        job = PredictJob(raw, files_from, output, shard=Shard.parse(shard) if shard else None,
                          rank=torchrun_rank())
         options = PredictOptions(top_k=top_k, batch_size=batch_size, workers=workers, device=device.value,
                                  precision=precision.value, tta=tta, fast_decode=not exact_decode)
@@ -129,7 +135,11 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
 
         from vitcli.streaming import write_records
 
-        write_records(job.records(load, options, group=group), sinks, job.tally)
+        if model.endswith(".onnx"):  # ONNX Runtime, no torch: preprocessing and labels come from the file
+            records = job.stream(lambda: _onnx_predictor(model, options), options.batch_size, group)
+        else:
+            records = job.records(load, options, group=group)
+        write_records(records, sinks, job.tally)
     except KeyboardInterrupt:
         if progress is not None:
             progress.stop()
@@ -147,3 +157,11 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _onnx_predictor(path: str, options):
+    """``sources -> Prediction records`` through ONNX Runtime (``vitcli.runtime``: NumPy + Pillow, no torch)."""
+    from vitcli.runtime import load_onnx, predict_onnx
+
+    model = load_onnx(path, options.device)
+    return lambda sources: predict_onnx(model, sources, options.top_k, options.batch_size, options.tta)

@@ -1,0 +1,293 @@
+"""Which backend, precision and batch size runs a model fastest here, and how close to the hardware.
+
+Every backend runs the same random batch; timings interleave the backends repeat by repeat (so a
+noisy, shared machine slows them alike), after warm-up. Each backend's logits on the verification
+images (generated ones unless ``verify_images`` are given) are checked against torch eager fp32
+with export's tolerances, and only verified options can be named fastest. The matrix-multiply rate
+is measured per dtype on square products; each row's achieved FLOP rate (GFLOPs/image from torch's
+FLOP counter, fused attention off) is shown as a fraction of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitcli.cpuinfo import cpu_features
+from vitcli.errors import UsageError
+
+BACKENDS = ("torch-fp32", "torch-bf16", "torch-compile", "onnxruntime-fp32", "onnxruntime-int8")
+CUDA_BACKENDS = ("cuda-fp32", "cuda-fp16", "cuda-bf16", "onnxruntime-cuda")
+
+
+@dataclass
+class Row:
+    backend: str
+    dtype: str  # the matmul dtype its rate is compared with
+    batch_size: int
+    images_per_s: float
+    p50_ms: float
+    p90_ms: float
+    fraction_of_peak: float | None
+    verified: bool
+    top1_agreement: float
+    max_abs_logit: float
+
+
+@dataclass
+class BenchmarkResult:
+    model: str
+    parameters: int
+    gflops_per_image: float
+    threads: int
+    cpu: dict[str, bool]
+    matmul_gflops: dict[str, float]  # measured rate per dtype
+    rows: list[Row] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # backend -> why
+
+    def fastest(self) -> Row | None:
+        verified = [r for r in self.rows if r.verified]
+        return max(verified, key=lambda r: r.images_per_s) if verified else None
+
+    def speedup(self, backend: str, batch_size: int, baseline: str = "torch-fp32") -> float | None:
+        rows = {(r.backend, r.batch_size): r for r in self.rows}
+        a, b = rows.get((backend, batch_size)), rows.get((baseline, batch_size))
+        return a.images_per_s / b.images_per_s if a and b else None
+
+
+# ------------------------------------------------------------------------------- measurements
+
+
+def count_gflops(model: torch.nn.Module, input_size: Sequence[int]) -> float:
+    """GFLOPs for one image (a multiply-add counts 2) with torch's FLOP counter; the model must have
+    fused attention off, or scaled_dot_product_attention counts zero."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(torch.zeros(1, *input_size))
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_rate(dtype: str, device: str = "cpu", n: int = 1024, seconds: float = 0.5) -> float:
+    """Measured GFLOP/s of an n x n x n matrix product: torch for fp32/bf16/fp16, ONNX Runtime's
+    MatMulInteger (what its dynamic int8 runs on) for int8."""
+    if dtype == "int8":
+        return _ort_int8_rate(n, seconds)
+    t = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    a, b = torch.randn(n, n, device=device).to(t), torch.randn(n, n, device=device).to(t)
+    return _rate(lambda: torch.mm(a, b), 2 * n**3, seconds, device)
+
+
+def _ort_int8_rate(n: int, seconds: float) -> float:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vitcli.runtime import import_onnxruntime, session_options
+
+    ort = import_onnxruntime()
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "mm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])],
+        [onnx.numpy_helper.from_array(np.random.default_rng(0).integers(-64, 64, (n, n), dtype=np.int8), "b")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    session = ort.InferenceSession(proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(1).integers(0, 128, (n, n), dtype=np.uint8)
+    return _rate(lambda: session.run(None, {"a": a}), 2 * n**3, seconds, "cpu")
+
+
+def _rate(fn: Callable[[], Any], flops: float, seconds: float, device: str) -> float:
+    fn()
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e9
+
+
+# ------------------------------------------------------------------------------------ backends
+
+
+def _torch_runner(model: torch.nn.Module, device: str, dtype: torch.dtype | None) -> Callable[[np.ndarray], np.ndarray]:
+    model = model.to(device)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(device)
+        ctx = torch.autocast(device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            y = model(x).float()
+        return y.cpu().numpy()  # .cpu() waits for a GPU to finish
+
+    return run
+
+
+def build_backends(loaded: Any, names: Sequence[str], workdir: Path, say: Callable[[str], None]
+                   ) -> tuple[dict[str, tuple[str, Callable]], dict[str, str]]:
+    """name -> (matmul dtype, run) for each backend this machine can run; name -> reason for the rest."""
+    from vitcli.cpuinfo import cpu_features as features
+
+    model = loaded.model.float().eval()
+    runners: dict[str, tuple[str, Callable]] = {}
+    skipped: dict[str, str] = {}
+    cuda = torch.cuda.is_available()
+    for name in names:
+        if name == "torch-fp32":
+            runners[name] = ("fp32", _torch_runner(model, "cpu", None))
+        elif name == "torch-bf16":
+            if features()["BF16"]:
+                runners[name] = ("bf16", _torch_runner(model, "cpu", torch.bfloat16))
+            else:
+                skipped[name] = ("no native bf16 on this CPU (AVX512-BF16/AMX); emulated bf16 is orders of "
+                                 "magnitude slower")
+        elif name == "torch-compile":
+            say("compiling with torch.compile (slow the first time)")
+            runners[name] = ("fp32", _torch_runner(torch.compile(model), "cpu", None))
+        elif name in ("onnxruntime-fp32", "onnxruntime-int8", "onnxruntime-cuda"):
+            if name == "onnxruntime-cuda" and not cuda:
+                skipped[name] = "no CUDA device"
+                continue
+            path = _onnx_file(loaded, workdir, int8=name.endswith("int8"), say=say)
+            from vitcli.runtime import load_onnx
+
+            onnx_model = load_onnx(path, device="cuda" if name.endswith("cuda") else "cpu", spin=False)
+            runners[name] = ("int8" if name.endswith("int8") else "fp32", onnx_model.logits)
+        elif name.startswith("cuda-"):
+            if not cuda:
+                skipped[name] = "no CUDA device"
+                continue
+            dtype = {"cuda-fp32": None, "cuda-fp16": torch.float16, "cuda-bf16": torch.bfloat16}[name]
+            if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+                skipped[name] = "this GPU has no native bf16"
+                continue
+            # a copy: .to() moves a module in place, and the CPU rows keep using this one
+            runners[name] = (name.removeprefix("cuda-"), _torch_runner(copy.deepcopy(model), "cuda", dtype))
+        else:
+            raise UsageError(f"unknown backend '{name}'; choose from {', '.join(BACKENDS + CUDA_BACKENDS)}")
+    return runners, skipped
+
+
+def _onnx_file(loaded: Any, workdir: Path, int8: bool, say: Callable[[str], None]) -> Path:
+    from vitcli.export import ExportOptions, _quiet_exporters, export_metadata
+    from vitcli.exporters import export_onnx, write_onnx
+
+    fp32 = workdir / "model.onnx"
+    if not fp32.exists():
+        say("exporting to ONNX")
+        meta = export_metadata(loaded, loaded.name, None, ExportOptions())
+        _, h, w = meta["input_size"]
+        with _quiet_exporters():
+            export_onnx(loaded.model, torch.randn(2, 3, h, w), fp32, meta, ExportOptions())
+    if not int8:
+        return fp32
+    import onnx
+
+    from vitcli.exporters import read_metadata
+    from vitcli.quantize import quantize_int8
+
+    path = workdir / "model.int8.onnx"
+    say("quantizing to int8")
+    write_onnx(quantize_int8(onnx.load(str(fp32))), path, read_metadata("onnx", fp32))
+    return path
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Sequence[int] = (1, 8, 32),
+                  repeats: int = 10, warmup: int = 2, backends: Sequence[str] | None = None,
+                  verify_images: Sequence[str] = (), say: Callable[[str], None] | None = None) -> BenchmarkResult:
+    """Time ``name`` on every backend and batch size; see the module docstring."""
+    from vitcli.export import TOLERANCES, export_metadata, load_exportable
+    from vitcli.exporters import data_config_of
+    from vitcli.verify import batch_of, compare, run_batched, verification_images
+
+    say = say or (lambda _: None)
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise UsageError("--batch-sizes must be positive integers, e.g. 1,8,32")
+    if repeats < 3:
+        raise UsageError("--repeats must be at least 3 (p90 needs several timings)")
+    names = list(backends) if backends else [*BACKENDS, *CUDA_BACKENDS]
+    say(f"loading {name}")
+    loaded = load_exportable(name, weights)
+    model = loaded.model.float().eval()
+    meta = export_metadata(loaded, name, weights, _options())
+    result = BenchmarkResult(
+        model=name, parameters=sum(p.numel() for p in model.parameters()),
+        gflops_per_image=count_gflops(model, meta["input_size"]), threads=torch.get_num_threads(),
+        cpu=cpu_features(), matmul_gflops={})
+    say("measuring the matrix-multiply rate")
+    result.matmul_gflops["fp32"] = matmul_rate("fp32")
+    if cpu_features()["BF16"]:
+        result.matmul_gflops["bf16"] = matmul_rate("bf16")
+    if any(n.startswith("onnxruntime") for n in names):
+        with contextlib.suppress(Exception):  # without the export extra the ONNX rows are skipped below
+            result.matmul_gflops["int8"] = matmul_rate("int8")
+    if torch.cuda.is_available():
+        for dtype in ("fp32", "fp16", "bf16"):
+            result.matmul_gflops[f"cuda-{dtype}"] = matmul_rate(dtype, "cuda", n=4096)
+
+    with tempfile.TemporaryDirectory(prefix="vitcli-bench-") as tmp:
+        from vitcli.errors import MissingExtraError
+
+        try:
+            runners, result.skipped = build_backends(loaded, names, Path(tmp), say)
+        except MissingExtraError as e:
+            onnx_names = [n for n in names if n.startswith("onnxruntime")]
+            runners, result.skipped = build_backends(loaded, [n for n in names if n not in onnx_names], Path(tmp), say)
+            result.skipped.update(dict.fromkeys(onnx_names, str(e)))
+        verify = batch_of(verification_images(verify_images)[0], data_config_of(meta))
+        reference = run_batched(runners["torch-fp32"][1] if "torch-fp32" in runners
+                                else _torch_runner(model, "cpu", None), verify, 16)
+        checks = {}
+        for backend, (dtype, run) in runners.items():
+            tolerance = TOLERANCES["int8" if dtype == "int8" else "fp32" if dtype == "fp32" else "fp16"]
+            checks[backend] = compare(reference, run_batched(run, verify, 16), tolerance)
+        for bs in batch_sizes:
+            say(f"timing batch size {bs}")
+            batch = np.random.default_rng(bs).standard_normal((bs, *meta["input_size"])).astype(np.float32)
+            times = _interleaved(runners, batch, repeats, warmup)
+            for backend, (dtype, _) in runners.items():
+                t = np.asarray(times[backend])
+                ips = bs / float(np.median(t))
+                peak = result.matmul_gflops.get(f"cuda-{dtype}" if backend.startswith(("cuda", "onnxruntime-cuda"))
+                                                else dtype)
+                c = checks[backend]
+                result.rows.append(Row(backend, dtype, bs, ips, float(np.percentile(t, 50) * 1e3),
+                                       float(np.percentile(t, 90) * 1e3),
+                                       ips * result.gflops_per_image / peak if peak else None,
+                                       not c["failed"], c["top1_agreement"], c["max_abs_logit"]))
+    return result
+
+
+def _options() -> Any:
+    from vitcli.export import ExportOptions
+
+    return ExportOptions()
+
+
+def _interleaved(runners: dict[str, tuple[str, Callable]], batch: np.ndarray, repeats: int,
+                 warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each runner, the runners taking turns within every repeat."""
+    for _, run in runners.values():
+        for _ in range(warmup):
+            run(batch)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, (_, run) in runners.items():
+            t0 = time.perf_counter()
+            run(batch)
+            times[name].append(time.perf_counter() - t0)
+    return times

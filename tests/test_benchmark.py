@@ -1,0 +1,78 @@
+"""vitcli benchmark: rows per backend and batch size, skips with reasons, FLOPs, the fastest verified option."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from vitcli.benchmark import count_gflops, matmul_rate, run_benchmark
+from vitcli.cli.app import app
+from vitcli.cpuinfo import cpu_features, describe_cpu
+
+runner = CliRunner()
+
+
+def test_gflops_count_attention_only_with_fused_attention_off():
+    import timm
+
+    unfused = timm.create_model("test_vit", pretrained=False, exportable=True).eval()
+    fused = timm.create_model("test_vit", pretrained=False).eval()
+    for m in fused.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = True
+    # test_vit: 160x160, patch 16 -> 101 tokens, dim 64; q @ k^T and attn @ v add 2 * 2 * 101^2 * 64 per block
+    extra = count_gflops(unfused, (3, 160, 160)) - count_gflops(fused, (3, 160, 160))
+    blocks = len(unfused.blocks)
+    assert extra * 1e9 == pytest.approx(blocks * 2 * 2 * 101**2 * 64, rel=1e-6)
+
+
+def test_matmul_rate_is_a_positive_gflops_figure():
+    assert 0.1 < matmul_rate("fp32", n=256, seconds=0.05) < 1e5
+
+
+def test_cpu_features_name_the_relevant_flags():
+    assert set(cpu_features()) == {"AVX2", "AVX-512", "VNNI", "BF16", "AMX"}
+    assert describe_cpu().startswith(("AVX2", "no AVX2"))
+
+
+def test_run_benchmark_times_every_backend_and_verifies_it(tiny_model_dir):
+    result = run_benchmark(str(tiny_model_dir), batch_sizes=(1, 2), repeats=3, warmup=1,
+                           backends=["torch-fp32", "torch-bf16", "onnxruntime-fp32", "onnxruntime-int8"])
+    ran = ["torch-fp32", "onnxruntime-fp32", "onnxruntime-int8"]
+    if cpu_features()["BF16"]:
+        ran.insert(1, "torch-bf16")
+    else:
+        assert "no native bf16" in result.skipped["torch-bf16"]
+    assert [(r.backend, r.batch_size) for r in result.rows] == [(b, bs) for bs in (1, 2) for b in ran]
+    for row in result.rows:
+        assert row.images_per_s > 0 and 0 < row.p50_ms <= row.p90_ms
+        assert row.fraction_of_peak is not None and row.fraction_of_peak > 0
+    assert all(r.verified for r in result.rows if r.dtype == "fp32")
+    assert result.parameters == sum(p.numel() for p in _tiny(tiny_model_dir).parameters())
+    assert result.gflops_per_image > 0 and result.matmul_gflops["fp32"] > 0
+    assert result.fastest() is not None and result.fastest().verified
+
+
+def _tiny(folder):
+    from vitcli.models import load_model
+
+    return load_model(str(folder)).model
+
+
+def test_cli_benchmark_json_and_closing_line(tiny_model_dir):
+    args = ["benchmark", "-m", str(tiny_model_dir), "-b", "1", "-r", "3", "--warmup", "0", "--backends", "torch-fp32"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["fastest"]["backend"] == "torch-fp32" and doc["rows"][0]["batch_size"] == 1
+    assert set(doc["cpu"]) == {"AVX2", "AVX-512", "VNNI", "BF16", "AMX"}
+    table = runner.invoke(app, args)
+    assert table.exit_code == 0
+    assert table.stdout.strip().splitlines()[-1].startswith("fastest verified: torch-fp32 at batch 1")
+
+
+def test_cli_benchmark_bad_batch_sizes_exit_2(tiny_model_dir):
+    result = runner.invoke(app, ["benchmark", "-m", str(tiny_model_dir), "-b", "1,x"])
+    assert result.exit_code == 2 and "--batch-sizes '1,x'" in result.stderr
