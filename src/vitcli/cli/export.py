@@ -38,7 +38,7 @@ def export(
                                "repeat for several.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Output stem: each format adds its suffix (.onnx, .int8.onnx, .torchscript.pt, "
-                               ".pt2, -timm/). Default: exported/<model name>.", show_default=False)] = None,
+                               ".pt2, -timm/). Default: exported/MODEL_NAME.", show_default=False)] = None,
     precision: Annotated[ExportPrecision, typer.Option(
         "--precision", help="fp32, or fp16 weights and input (for GPU runtimes).")] = ExportPrecision.fp32,
     quantize: Annotated[Quantize | None, typer.Option(

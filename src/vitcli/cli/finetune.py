@@ -31,7 +31,7 @@ def shown(name: str) -> str:
 
 def finetune(
     data: Annotated[Path | None, typer.Argument(
-        help="DATA/train/<class>/... with DATA/val/ (or validation/, valid/), or DATA/<class>/... split by "
+        help="DATA/train/CLASS/... with DATA/val/ (or validation/, valid/), or DATA/CLASS/... split by "
              "--val-split. Optional with --resume.", show_default=False)] = None,
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="timm classifier name[.tag] (ViT, DeiT, ResNet, EfficientNet, ...), a model folder "

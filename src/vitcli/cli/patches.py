@@ -30,7 +30,7 @@ def patches(
         "--img-size", help="Input size the model is built for: 384, or HxW for non-square (e.g. 224x320); "
                            "position embeddings are resampled, the patch size is kept.")] = None,
     out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="Folder for the PNGs (default: patches/<image stem>/).")] = None,
+        "--out", "-o", help="Folder for the PNGs (default: patches/IMAGE_STEM/).")] = None,
     attention: Annotated[bool, typer.Option(
         "--attention", help="CLS-to-patch attention per layer and head, attention rollout, and top-k predictions.")
     ] = False,

@@ -10,6 +10,7 @@ from vitcli.cli._errors import handled_errors
 from vitcli.cli._options import JsonOpt
 
 app = typer.Typer(help="The local model store (weights/, or $VITCLI_WEIGHTS): load models offline.",
+                  rich_markup_mode="markdown",
                   no_args_is_help=True)
 
 
