@@ -719,3 +719,43 @@ def test_torchrun_and_shards_match_one_process_on_hymenoptera_val(tmp_path):
             assert [p["index"] for p in got["predictions"]] == [p["index"] for p in want["predictions"]]
             assert [p["prob"] for p in got["predictions"]] == pytest.approx([p["prob"] for p in want["predictions"]],
                                                                              abs=1e-6)
+
+
+def test_a_reader_that_goes_away_ends_predict_quietly(tiny_model_dir, tmp_path):
+    """`vitcli predict ... --json | head -n 1`: exit 141 (128 + SIGPIPE) with nothing on stderr."""
+    image_folder(tmp_path / "photos", 40)
+    command = [sys.executable, "-m", "vitcli", "predict", str(tmp_path / "photos"), "--model", str(tiny_model_dir),
+               "--json", "--batch-size", "1", "--workers", "0"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = proc.stdout.readline()
+    proc.stdout.close()  # as head does after its line
+    stderr = proc.stderr.read()
+    proc.wait(timeout=120)
+
+    assert json.loads(first)["error"] is None
+    assert proc.returncode == 141 and stderr == "", stderr
+
+
+def test_a_job_that_fails_before_its_first_record_leaves_an_existing_csv_alone(images, tmp_path):
+    csv_file = tmp_path / "predictions.csv"
+    csv_file.write_text("source,rank\nearlier,1\n")
+
+    result = invoke("predict", str(images[0]), "--model", "vit_bse_patch16_224", "--csv", str(csv_file))
+
+    assert result.exit_code == 2 and "did you mean" in result.stderr
+    assert csv_file.read_text() == "source,rank\nearlier,1\n"
+
+
+def test_errors_of_other_torchrun_ranks_are_printed_with_their_rank(monkeypatch, capsys):
+    import vitcli.console
+    from vitcli.cli._errors import fail
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(vitcli.console.err, "quiet", True)  # as finetune sets it on ranks other than 0
+
+    exit_ = fail("CUDA out of memory")
+
+    assert exit_.exit_code == 1 and vitcli.console.err.quiet is True
+    assert "Error: rank 1: CUDA out of memory" in capsys.readouterr().err

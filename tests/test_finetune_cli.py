@@ -84,17 +84,19 @@ def test_resume_refuses_a_changed_recipe(tmp_path, data, tiny_model_dir):
     assert json.loads((run / "args.json").read_text())["config"]["epochs"] == 2
 
 
-def test_ctrl_c_saves_a_resumable_state_and_exits_130(tmp_path, data, tiny_model_dir):
-    """A real SIGINT to a real process: exit 130 and a --resume hint; the resumed run finishes."""
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_a_resumable_state_and_exits_128_plus_its_number(tmp_path, data, tiny_model_dir, signum, code):
+    """A real SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop) to a real process: exit 128 + the signal number
+    and a --resume hint; the resumed run finishes."""
     env = dict(os.environ, VITCLI_DEBUG="0")
     cmd = [sys.executable, "-m", "vitcli", *args(tmp_path, data, tiny_model_dir, "--epochs", "1000")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     for line in proc.stderr:  # the class table is printed once the stop-on-signal handler is installed
         if line.strip().startswith("total") or "│ total" in line:
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == code, stderr
     assert "Interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
     run = tmp_path / "runs" / "exp"
     assert (run / "state.pt").is_file() and (run / "last" / "model.safetensors").is_file()

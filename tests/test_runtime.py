@@ -115,11 +115,16 @@ def test_predict_onnx_missing_extra_gives_the_install_line(tiny_onnx, images, mo
     assert result.stderr.strip() == 'Error: ONNX support needs the export extra: pip install -e ".[export]"'
 
 
-def test_predict_onnx_never_imports_torch_or_timm(tiny_onnx, images):
+@pytest.mark.parametrize("form", ["--model", "first argument", "--output and --shard"])
+def test_predict_onnx_never_imports_torch_or_timm(tiny_onnx, images, tmp_path, form):
+    argv = {"--model": [str(images[0]), "--model", str(tiny_onnx)],
+            "first argument": [str(tiny_onnx), str(images[0])],
+            "--output and --shard": [str(tiny_onnx), str(images[0]), "-o", str(tmp_path / "o.jsonl"),
+                                     "--shard", "0/1"]}[form]
     code = (
         "import sys\n"
         "from vitcli.cli.app import main\n"
-        f"sys.argv = ['vitcli', 'predict', {str(images[0])!r}, '--model', {str(tiny_onnx)!r}, '--json']\n"
+        f"sys.argv = ['vitcli', 'predict', *{argv!r}, '--json']\n"
         "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision'))\n"
         "print('EXIT', code, 'HEAVY', ','.join(heavy), file=sys.stderr)\n"
@@ -129,3 +134,12 @@ def test_predict_onnx_never_imports_torch_or_timm(tiny_onnx, images):
     assert proc.stderr.splitlines()[-1].strip() == "EXIT 0 HEAVY", proc.stderr  # no torch, timm or torchvision
     record = json.loads(proc.stdout)
     assert record["error"] is None and record["predictions"][0]["label"] in TINY_LABELS
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--weights", "w.safetensors"), ("--precision", "bf16"),
+                                             ("--workers", "2"), ("--exact-decode", None)])
+def test_options_that_mean_nothing_for_an_onnx_file_are_usage_errors(tiny_onnx, images, flag, value):
+    result = runner.invoke(app, ["predict", str(tiny_onnx), str(images[0]), flag, *([value] if value else [])])
+
+    assert result.exit_code == 2
+    assert f"{flag} do(es) not apply to an .onnx model" in result.stderr

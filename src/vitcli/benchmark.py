@@ -169,7 +169,7 @@ def build_backends(loaded: Any, names: Sequence[str], workdir: Path, say: Callab
                 skipped[name] = "no CUDA device"
                 continue
             dtype = {"cuda-fp32": None, "cuda-fp16": torch.float16, "cuda-bf16": torch.bfloat16}[name]
-            if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
                 skipped[name] = "this GPU has no native bf16"
                 continue
             # a copy: .to() moves a module in place, and the CPU rows keep using this one

@@ -76,7 +76,7 @@ def iter_path_list(list_file: str) -> Iterator[str]:
 
 
 def _paths_in_file(path: Path) -> Iterator[str]:
-    with path.open() as lines:
+    with path.open(encoding="utf-8") as lines:
         yield from _paths_in(lines)
 
 

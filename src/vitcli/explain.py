@@ -87,12 +87,16 @@ def default_out_dir(source: str) -> Path:
 
 def image_sources(image: str, limit: int) -> list[str]:
     """The images an IMAGE argument names (a file, or the first ``limit`` of a folder), or ImageLoadError."""
-    from vitcli.data import expand_inputs
+    import itertools
 
-    sources, problems = expand_inputs([image])
-    if problems:
-        raise ImageLoadError(problems[0].source, problems[0].reason)
-    return sources[:limit]
+    from vitcli.data import InputProblem, iter_inputs
+
+    sources = []
+    for item in itertools.islice(iter_inputs([image]), limit):  # a huge folder is walked only this far
+        if isinstance(item, InputProblem):
+            raise ImageLoadError(item.source, item.reason)
+        sources.append(item)
+    return sources
 
 
 def explain_image(image: str, options: PatchesOptions) -> PatchesReport:

@@ -46,6 +46,8 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs) -> Iterator[IO]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, permissions) if hasattr(os, "fchmod") else os.chmod(tmp, permissions)
+        if "b" not in mode:
+            kwargs.setdefault("encoding", "utf-8")  # the same bytes on every locale
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()

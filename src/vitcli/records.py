@@ -82,6 +82,27 @@ class CsvWriter:
         self.buffer.truncate()
 
 
+class CsvFile:
+    """``--csv FILE``: every record's rows, written batch by batch. The file is created (or replaced) at
+    the first record, so a job that fails before it has anything to write leaves an existing file alone."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.stream: IO[str] | None = None
+        self.writer: CsvWriter | None = None
+
+    def write(self, record: Prediction) -> None:
+        if self.writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.stream = self.path.open("w", newline="", encoding="utf-8")
+            self.writer = CsvWriter(self.stream)
+        self.writer.write(record)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
+
 def writer_for(path: Path, stream: IO[str], header: bool = True) -> JsonlWriter | CsvWriter:
     """The writer for ``path``'s suffix (``.jsonl`` or ``.csv``)."""
     return CsvWriter(stream, header) if output_format(path) == "csv" else JsonlWriter(stream)
@@ -132,7 +153,7 @@ def recorded_sources(path: Path) -> Iterator[str]:
     CSV rows of one record repeat its source; they are given once.
     """
     fmt = output_format(path)
-    with Path(path).open(newline="" if fmt == "csv" else None) as f:
+    with Path(path).open(newline="" if fmt == "csv" else None, encoding="utf-8") as f:
         if fmt == "jsonl":
             for n, line in enumerate(f, 1):
                 if line.strip():

@@ -176,11 +176,15 @@ def session_options(threads: int | None = None, spin: bool = True) -> Any:
     return options
 
 
-def providers(device: str = "auto") -> list[str]:
-    """CUDA first when the runtime has it and the device allows it, the CPU always."""
+def providers(device: str = "auto") -> list[Any]:
+    """CUDA first when the runtime has it and the device allows it (``cuda:N``: that GPU), the CPU always."""
     available = import_onnxruntime().get_available_providers()
-    chosen = ["CUDAExecutionProvider"] if device in ("auto", "cuda") and "CUDAExecutionProvider" in available else []
-    if device == "cuda" and not chosen:
+    kind, _, index = device.partition(":")
+    chosen: list[Any] = []
+    if kind in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        cuda = "CUDAExecutionProvider"
+        chosen = [(cuda, {"device_id": int(index)})] if index.isdigit() else [cuda]
+    if kind == "cuda" and not chosen:
         raise UsageError("--device cuda was asked for but this ONNX Runtime has no CUDA provider; "
                          "install onnxruntime-gpu or use --device cpu")
     return [*chosen, "CPUExecutionProvider"]

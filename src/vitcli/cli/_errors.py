@@ -21,11 +21,32 @@ def debug() -> bool:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print ``Error: message`` to stderr and return the Exit to raise."""
+    """Print ``Error: message`` to stderr and return the Exit to raise.
+
+    Under torchrun, ranks other than 0 keep their progress quiet but still print their errors,
+    prefixed with the rank, so a failure on rank 1 alone says why.
+    """
     from vitcli.console import err
 
-    err.print(f"[bold red]Error:[/] {message}", highlight=False, markup=True)
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else "0"
+    where = f"rank {rank}: " if rank != "0" else ""
+    quiet, err.quiet = err.quiet, False
+    try:
+        err.print(f"[bold red]Error:[/] {where}{message}", highlight=False, markup=True)
+    finally:
+        err.quiet = quiet
     return typer.Exit(code)
+
+
+def _stdout_closed() -> typer.Exit:
+    """The reader of our stdout went away (``vitcli predict --json | head``): stop quietly, as Unix tools
+    do (exit 141 = 128 + SIGPIPE), and keep Python's exit-time flush from complaining about the pipe."""
+    import sys
+
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return typer.Exit(141)
 
 
 @contextlib.contextmanager
@@ -43,6 +64,8 @@ def handled_errors() -> Iterator[None]:
         raise fail(escape(str(e)), e.exit_code) from None
     except KeyboardInterrupt:
         raise fail("interrupted", 130) from None
+    except BrokenPipeError:
+        raise _stdout_closed() from None
     except Exception as e:
         if debug():
             raise

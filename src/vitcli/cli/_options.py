@@ -27,8 +27,9 @@ class Precision(str, Enum):
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m",
     help="The shipped DeiT-Tiny by default (offline). A timm name[.tag] (weights from the Hugging Face Hub, "
-         "cached; e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k for accuracy), a model folder "
-         "(config.json + model.safetensors, e.g. runs/finetune/exp/best), or a name in the weights/ store.",
+         "cached; e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k for accuracy), hf-hub:org/name, a model "
+         "folder (config.json + model.safetensors, e.g. runs/finetune/exp/best), a finetune run folder "
+         "(its best/), or a name in the weights/ store.",
 )]
 WeightsOpt = Annotated[Path | None, typer.Option(
     "--weights", "-w",

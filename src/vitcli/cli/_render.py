@@ -95,7 +95,7 @@ class TableSink:
 class ProgressSink:
     """A progress bar on stderr (images/s, and the ETA once the inputs are counted) for larger jobs."""
 
-    def __init__(self, job, min_images: int = 64) -> None:
+    def __init__(self, job, min_images: int = PROGRESS_MIN_ITEMS) -> None:
         self.job = job
         self.min_images = min_images
         self.progress = None
@@ -109,8 +109,9 @@ class ProgressSink:
             self.total = self.job.count()
         except Exception:  # an unreadable input shows up in the job itself; the bar just has no total
             return
-        if self.progress is not None:
-            self.progress.update(self.task, total=self.total)
+        progress = self.progress  # one read: stop() may clear it meanwhile, from the main thread
+        if progress is not None:
+            progress.update(self.task, total=self.total)
 
     def write(self, record) -> None:
         if self.progress is None:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from vitcli.cli._errors import handled_errors
-from vitcli.cli._options import JsonOpt, WeightsOpt
+from vitcli.cli._options import DEFAULT_MODEL, JsonOpt, ModelOpt, WeightsOpt
 
 
 class Format(str, Enum):
@@ -29,9 +29,7 @@ class Quantize(str, Enum):
 
 
 def export(
-    model: Annotated[str, typer.Option(
-        "--model", "-m", help="timm name[.tag], a model folder, a finetune run folder (its best/) or a store name.",
-        show_default=False)],
+    model: ModelOpt = DEFAULT_MODEL,
     weights: WeightsOpt = None,
     formats: Annotated[list[Format] | None, typer.Option(
         "--format", "-f", help="onnx (default), torchscript, pt2 (torch.export) or timm (hub-layout folder); "
@@ -106,8 +104,9 @@ def export(
 
 def _table(result):
     from rich import box
-    from rich.markup import escape
     from rich.table import Table
+
+    from vitcli.cli._render import escape
 
     folders = sorted({str(f.path.parent) for f in result.files})
     table = Table(header_style="bold", box=box.SIMPLE_HEAD,

@@ -16,6 +16,7 @@ import typer
 
 from vitcli.cli._errors import handled_errors
 from vitcli.cli._options import Device, WeightsOpt
+from vitcli.cli._render import escape
 from vitcli.finetune.config import BALANCE_MODES, DEFAULT_MODEL, PRECISIONS, RESUMABLE_OPTIONS, SCHEDULES, default
 
 Balance = Enum("Balance", [(m, m) for m in BALANCE_MODES], type=str)  # type: ignore[misc]
@@ -173,7 +174,7 @@ def _run(given: dict[str, Any]) -> None:
         result = fit(config, view)
     except TrainingInterrupted as e:
         view.close()
-        err.print(f"[bold yellow]Interrupted:[/] {_escape(str(e))}", highlight=False)
+        err.print(f"[bold yellow]Interrupted:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(e.exit_code) from None
     finally:
         view.close()
@@ -210,24 +211,24 @@ class _View:
             resumed = f" (resuming at epoch {info['resumed_epoch'] + 1}{at})"
         size = "x".join(str(s) for s in info["input_size"][1:])
         procs = f", {info['world_size']} processes" if info["world_size"] > 1 else ""
-        err.print(f"[bold]finetune[/] {_escape(info['arch'])} ({info['source']}, {size}, "
+        err.print(f"[bold]finetune[/] {escape(info['arch'])} ({info['source']}, {size}, "
                   f"{info['params'] / 1e6:.1f}M trainable parameters) on {info['device']} {info['precision']}"
-                  f"{procs} -> {_escape(str(info['run_dir']))}{resumed}", highlight=False)
+                  f"{procs} -> {escape(str(info['run_dir']))}{resumed}", highlight=False)
         table = Table(title=f"{len(info['classes'])} classes ({info['layout']} layout)", title_justify="left",
                       header_style="bold")
         table.add_column("class")
         table.add_column("train", justify="right")
         table.add_column("val", justify="right")
         for name, n_train, n_val in zip(info["classes"], info["train_counts"], info["val_counts"], strict=True):
-            table.add_row(_escape(name), str(n_train), str(n_val))
+            table.add_row(escape(name), str(n_train), str(n_val))
         table.add_row("total", str(sum(info["train_counts"])), str(sum(info["val_counts"])), style="dim")
         err.print(table)
         if info["skipped"]:
             err.print(f"[yellow]Skipped {len(info['skipped'])} unreadable file(s):[/]")
             for path, reason in info["skipped"]:
-                err.print(f"  {_escape(path)}: {_escape(reason)}", highlight=False)
+                err.print(f"  {escape(path)}: {escape(reason)}", highlight=False)
         for warning in info["warnings"]:
-            err.print(f"[yellow]Warning:[/] {_escape(warning)}", highlight=False)
+            err.print(f"[yellow]Warning:[/] {escape(warning)}", highlight=False)
 
     def on_epoch_start(self, info: dict[str, Any]) -> None:
         from rich.progress import (
@@ -294,8 +295,3 @@ def _report(result: Any) -> None:
     out.print(f"run folder: {result.run_dir}", highlight=False)
     err.print(f"predict with: vitcli predict --model {result.best_dir} IMAGES", highlight=False)
 
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)

@@ -22,8 +22,6 @@ from vitcli.cli._options import (
     WorkersOpt,
 )
 
-PROGRESS_MIN_IMAGES = 64
-
 
 def predict(
     inputs: Annotated[list[str] | None, typer.Argument(
@@ -103,6 +101,8 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
         options = dataclasses.replace(options, device=device)
     csv_file = None
     progress = None
+    if model.endswith(".onnx"):
+        _check_onnx_options(options, weights)
     try:
         job.open()
         if job.rank.enabled:
@@ -110,15 +110,14 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
         sinks: list[Any] = []
         if job.rank.main:
             from vitcli.cli._render import ErrorLines, ProgressSink, TableSink
-            from vitcli.records import CsvWriter, JsonlWriter
+            from vitcli.records import CsvFile, JsonlWriter
 
-            progress = ProgressSink(job, PROGRESS_MIN_IMAGES)  # after open(): it counts what is left to do
+            progress = ProgressSink(job)  # after open(): it counts what is left to do
             sinks.append(ErrorLines())
             sinks.append(JsonlWriter(sys.stdout) if json_out else TableSink())
             if csv_out is not None:
-                csv_out.parent.mkdir(parents=True, exist_ok=True)
-                csv_file = csv_out.open("w", newline="", encoding="utf-8")
-                sinks.append(CsvWriter(csv_file))
+                csv_file = CsvFile(csv_out)
+                sinks.append(csv_file)
             if job.opened is not None:
                 sinks.append(job.opened.writer)
                 if len(job.done):
@@ -165,3 +164,15 @@ def _onnx_predictor(path: str, options):
 
     model = load_onnx(path, options.device)
     return lambda sources: predict_onnx(model, sources, options.top_k, options.batch_size, options.tta)
+
+
+def _check_onnx_options(options, weights: Path | None) -> None:
+    """Options that mean nothing for an exported file are refused rather than ignored."""
+    from vitcli.errors import UsageError
+
+    given = [name for name, on in (("--weights", weights is not None), ("--precision", options.precision != "fp32"),
+                                   ("--workers", options.workers is not None),
+                                   ("--exact-decode", not options.fast_decode)) if on]
+    if given:
+        raise UsageError(f"{', '.join(given)} do(es) not apply to an .onnx model: its weights, precision and "
+                         "preprocessing (always the exact path) are fixed by `vitcli export`; leave them out")

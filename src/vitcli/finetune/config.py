@@ -140,8 +140,9 @@ def resume_config(run_dir: str | Path, **given: Any) -> FinetuneConfig:
     if not args_file.is_file():
         raise UsageError(f"--resume '{run_dir}' is not a finetune run folder (no {ARGS_FILE}); "
                          "give runs/finetune/NAME")
-    for folder in ("best", "last"):
-        recover_dir(run_dir / folder)  # a swap cut short by a hard kill
+    if os.environ.get("RANK", "0") == "0":  # under torchrun one process renames, not every rank at once
+        for folder in ("best", "last"):
+            recover_dir(run_dir / folder)  # a swap cut short by a hard kill
     if not (run_dir / STATE_FILE).is_file():
         raise UsageError(f"nothing to resume in '{run_dir}': it has no {STATE_FILE} (the run stopped "
                          "before its first step); start a new run")

@@ -8,55 +8,26 @@ that, a rank that fails leaves the others in a collective until its timeout: 10 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
 from vitcli.devices import resolve_device
-from vitcli.errors import RankFailedError, UsageError, VitcliError, first_line
+from vitcli.errors import RankFailedError, VitcliError, first_line
+from vitcli.sharding import Rank as Dist  # one notion of a torchrun process for every command
+from vitcli.sharding import init_process_group, torchrun_rank
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
 def init_distributed(device: str) -> tuple[Dist, torch.device]:
     """Join the torchrun process group (nccl on CUDA, gloo on CPU) and pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(), resolve_device(device)
-    import torch.distributed as tdist
-
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    want = resolve_device(device)
-    if want.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-        tdist.init_process_group("nccl", rank=rank, world_size=world, device_id=dev)
-    elif want.type == "cpu":
-        dev = want
-        tdist.init_process_group("gloo", rank=rank, world_size=world)
-    else:
-        raise UsageError(f"torchrun needs CUDA or CPU processes; --device {device} is not supported")
-    return Dist(rank, local_rank, world), dev
+    dist = torchrun_rank()
+    if not dist.enabled:
+        return dist, resolve_device(device)
+    dist, this_device, _ = init_process_group(device)  # the same join as predict's and evaluate's
+    return dist, torch.device(this_device)
 
 
 def close_distributed(dist: Dist) -> None:
