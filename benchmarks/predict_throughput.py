@@ -43,8 +43,9 @@ from pathlib import Path
 import torch
 
 from vitcli.batching import ImageSourceDataset, collate_images, default_workers, scored_batches
-from vitcli.data import draft_size_for, eval_pipeline, eval_transform, expand_inputs, load_image
+from vitcli.data import draft_size_for, eval_pipeline, eval_transform, expand_inputs
 from vitcli.devices import autocast, cpu_supports_bf16
+from vitcli.images import load_image
 from vitcli.models import load_model
 from vitcli.predict import PredictOptions, predict
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from vitcli.data import load_image
 from vitcli.errors import ImageLoadError
+from vitcli.images import load_image
 
 
 class SourceImages:

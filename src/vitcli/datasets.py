@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from vitcli.data import is_image_path, load_image
+from vitcli.data import is_image_path
 from vitcli.errors import DatasetError, ImageLoadError
+from vitcli.images import load_image
 
 VAL_DIR_NAMES = ("val", "validation", "valid")
 TEST_DIR_NAME = "test"

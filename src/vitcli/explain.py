@@ -102,7 +102,8 @@ def image_sources(image: str, limit: int) -> list[str]:
 def explain_image(image: str, options: PatchesOptions) -> PatchesReport:
     """Run ``vitcli patches`` on IMAGE (a file, or a folder whose first image is shown)."""
     from vitcli import figures
-    from vitcli.data import eval_transform, load_image
+    from vitcli.data import eval_transform
+    from vitcli.images import load_image
 
     _check_options(options)
     sources = image_sources(image, options.max_images if options.figure7 else 1)
@@ -244,7 +245,8 @@ def mean_distance_over(model: torch.nn.Module, data_config: dict[str, Any], sour
     Images are preprocessed as predict does and run in batches; unreadable ones are skipped (and
     named in ``notes``).
     """
-    from vitcli.data import eval_transform, load_image
+    from vitcli.data import eval_transform
+    from vitcli.images import load_image
 
     transform = eval_transform(data_config)
     distances = patch_distances(layout.grid, layout.patch_size)

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vitcli.data import load_image
 from vitcli.errors import ImageLoadError, MissingExtraError, ModelLoadError, UsageError
+from vitcli.images import load_image
 
 INSTALL_HINT = 'ONNX support needs the export extra: pip install -e ".[export]"'
 DEFAULT_CROP_PCT = 0.875  # timm.data.DEFAULT_CROP_PCT (not imported: timm pulls in torch)

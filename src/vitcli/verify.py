@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vitcli.data import expand_inputs, load_image
+from vitcli.data import expand_inputs
 from vitcli.errors import ImageLoadError, UsageError
+from vitcli.images import load_image
 from vitcli.quantize import mean_kl, top1_agreement
 from vitcli.runtime import preprocess
 
