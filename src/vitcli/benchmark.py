@@ -134,12 +134,24 @@ def _torch_runner(model: torch.nn.Module, device: str, dtype: torch.dtype | None
     return run
 
 
+def _fused(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the exportable model (attention unfused, for the ONNX graph and the FLOP count) with
+    timm's default fused attention back on: the torch rows time what `vitcli predict` runs."""
+    import copy
+
+    fused = copy.deepcopy(model)
+    for module in fused.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = hasattr(torch.nn.functional, "scaled_dot_product_attention")
+    return fused
+
+
 def build_backends(loaded: Any, names: Sequence[str], workdir: Path, say: Callable[[str], None]
                    ) -> tuple[dict[str, tuple[str, Callable]], dict[str, str]]:
     """name -> (matmul dtype, run) for each backend this machine can run; name -> reason for the rest."""
     from vitcli.cpuinfo import cpu_features as features
 
-    model = loaded.model.float().eval()
+    model = _fused(loaded.model.float().eval())
     runners: dict[str, tuple[str, Callable]] = {}
     skipped: dict[str, str] = {}
     cuda = torch.cuda.is_available()
