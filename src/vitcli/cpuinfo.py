@@ -11,7 +11,7 @@ FEATURES = {
     "AVX2": ("avx2",),
     "AVX-512": ("avx512f",),
     "VNNI": ("avx512_vnni", "avx_vnni", "amx_int8"),  # int8 dot products (u8 x s8 without saturation)
-    "BF16": ("avx512_bf16", "avx_ne_convert", "amx_bf16"),  # native bf16 matmul
+    "BF16": ("avx512_bf16", "amx_bf16"),  # native bf16 matmul (avx_ne_convert only converts)
     "AMX": ("amx_tile",),
 }
 

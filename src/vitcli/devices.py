@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 
@@ -30,11 +29,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def cpu_supports_bf16() -> bool:
     """Native bf16 matrix units (AVX512-BF16 or AMX) make CPU autocast worthwhile."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    flags = ""
-    with contextlib.suppress(OSError):
-        flags = Path("/proc/cpuinfo").read_text()
-    return "avx512_bf16" in flags or "amx_bf16" in flags or capability == "AVX512_BF16"
+    from vitcli.cpuinfo import cpu_features  # the one reading of /proc/cpuinfo (benchmark's table uses it too)
+
+    return cpu_features()["BF16"] or torch.backends.cpu.get_cpu_capability() == "AVX512_BF16"
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
