@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
 from vitcli.devices import autocast, resolve_device
+from vitcli.distributed import Dist
 from vitcli.finetune.config import FinetuneConfig
-from vitcli.finetune.distributed import Dist
 from vitcli.finetune.loop import build_parts, train_one_epoch
 
 MODEL = "deit_tiny_patch16_224"

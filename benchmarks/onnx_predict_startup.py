@@ -22,7 +22,7 @@ import time, sys
 t0 = time.perf_counter()
 import numpy, PIL.Image, onnxruntime, typer, rich.console
 t1 = time.perf_counter()
-from vitcli.runtime import load_onnx, predict_onnx
+from vitcli.inference.onnx_engine import load_onnx, predict_onnx
 model = load_onnx(sys.argv[1])
 t2 = time.perf_counter()
 list(predict_onnx(model, [sys.argv[2]], top_k=5))

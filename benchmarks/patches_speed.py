@@ -32,7 +32,7 @@ DEFAULT_IMAGE = REPO.parent / "shared" / "data" / "images" / "corgi.jpg"
 def build(name: str, img_size: int | None, fused: bool) -> torch.nn.Module:
     import timm
 
-    from vitcli.attention import unfused_attention
+    from vitcli.explain.attention import unfused_attention
 
     torch.manual_seed(0)
     kwargs = {"img_size": img_size} if img_size else {}
@@ -43,13 +43,13 @@ def build(name: str, img_size: int | None, fused: bool) -> torch.nn.Module:
 
 
 def layout_of(model: torch.nn.Module, size: int):
-    from vitcli.patches import describe_tokens
+    from vitcli.explain.tokens import describe_tokens
 
     return describe_tokens(model, (3, size, size), "bench")
 
 
 def run_mode(model: torch.nn.Module, x: torch.Tensor, mode: str, layout) -> None:
-    from vitcli.attention import AttentionCapture, attention_rollout
+    from vitcli.explain.attention import AttentionCapture, attention_rollout
 
     with torch.inference_mode():
         if mode == "plain":
@@ -64,7 +64,7 @@ def run_mode(model: torch.nn.Module, x: torch.Tensor, mode: str, layout) -> None
 
 
 def time_views(repeats: int, image: Path) -> None:
-    from vitcli.explain import PatchesOptions, explain_image
+    from vitcli.explain.patches import PatchesOptions, explain_image
 
     fused, unfused = build("vit_base_patch16_224", None, True), build("vit_base_patch16_224", None, False)
     layout = layout_of(unfused, 224)

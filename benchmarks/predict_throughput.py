@@ -42,12 +42,13 @@ from pathlib import Path
 
 import torch
 
-from vitcli.batching import ImageSourceDataset, collate_images, default_workers, scored_batches
-from vitcli.data import draft_size_for, eval_pipeline, eval_transform, expand_inputs
 from vitcli.devices import autocast, cpu_supports_bf16
-from vitcli.images import load_image
-from vitcli.models import load_model
-from vitcli.predict import PredictOptions, predict
+from vitcli.inference.batching import ImageSourceDataset, collate_images, default_workers, scored_batches
+from vitcli.inference.predict import PredictOptions, predict
+from vitcli.io.images import load_image
+from vitcli.io.inputs import expand_inputs
+from vitcli.io.transforms import draft_size_for, eval_pipeline, eval_transform
+from vitcli.models.resolve import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -67,7 +68,7 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
 
 
 def all_probs(loaded, sources: list[str], **options) -> torch.Tensor:
-    """(N, num_classes) probabilities from vitcli.predict (top_k = every class)."""
+    """(N, num_classes) probabilities from vitcli.inference.predict (top_k = every class)."""
     k = loaded.num_classes
     probs = torch.zeros(len(sources), k)
     for i, r in enumerate(predict(loaded, sources, PredictOptions(top_k=k, device="cpu", **options))):

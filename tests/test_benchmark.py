@@ -56,7 +56,7 @@ def test_run_benchmark_times_every_backend_and_verifies_it(tiny_model_dir):
 
 
 def _tiny(folder):
-    from vitcli.models import load_model
+    from vitcli.models.resolve import load_model
 
     return load_model(str(folder)).model
 

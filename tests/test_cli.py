@@ -497,7 +497,7 @@ def fake_hub(monkeypatch):
     import timm
     import torch
 
-    import vitcli.models
+    import vitcli.models.resolve
 
     calls = []
 
@@ -506,8 +506,8 @@ def fake_hub(monkeypatch):
         torch.manual_seed(len(calls))
         return timm.create_model("test_vit", pretrained=False)
 
-    monkeypatch.setattr(vitcli.models, "_create_from_hub", download)
-    monkeypatch.setattr(vitcli.models, "check_arch", lambda name: name.partition(".")[0])
+    monkeypatch.setattr(vitcli.models.resolve, "_create_from_hub", download)
+    monkeypatch.setattr(vitcli.models.resolve, "check_arch", lambda name: name.partition(".")[0])
     return calls
 
 

@@ -50,8 +50,8 @@ def test_fp16_training_gets_timms_grad_scaler():
     import timm
     from timm.utils import NativeScaler
 
+    from vitcli.distributed import Dist
     from vitcli.finetune.config import FinetuneConfig
-    from vitcli.finetune.distributed import Dist
     from vitcli.finetune.loop import build_parts
 
     model = timm.create_model("test_vit", num_classes=2)

@@ -36,7 +36,7 @@ def test_the_default_model_is_shipped_as_a_hub_layout_folder():
 def test_the_default_model_loads_offline_from_another_working_directory(tmp_path, monkeypatch, unreachable_hub):
     import torch
 
-    from vitcli.models import load_model
+    from vitcli.models.resolve import load_model
 
     monkeypatch.chdir(tmp_path)
 
@@ -52,7 +52,7 @@ def test_the_default_model_loads_offline_from_another_working_directory(tmp_path
 
 
 def test_a_store_entry_of_the_same_name_wins(tiny_model_dir):
-    from vitcli.models import load_model, store_dir
+    from vitcli.models.resolve import load_model, store_dir
 
     shutil.copytree(tiny_model_dir, store_dir() / DEFAULT_MODEL)
 
@@ -62,7 +62,7 @@ def test_a_store_entry_of_the_same_name_wins(tiny_model_dir):
 
 
 def test_a_new_head_on_the_default_model_for_fine_tuning():
-    from vitcli.models import load_model
+    from vitcli.models.resolve import load_model
 
     loaded = load_model(DEFAULT_MODEL, num_classes=3, labels=["a", "b", "c"])
 
@@ -81,7 +81,7 @@ def test_the_module_imports_no_torch():
 def test_the_shipped_weights_are_the_official_deit_tiny_arrays():
     import safetensors.torch
 
-    from vitcli.models import load_model
+    from vitcli.models.resolve import load_model
 
     official = safetensors.torch.load_file(shared("weights", DEIT_WEIGHTS.name))
     shipped = load_model().model.state_dict()

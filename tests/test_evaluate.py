@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from conftest import DEIT_WEIGHTS, TINY_LABELS, make_image, shared
 from vitcli.cli.app import app
-from vitcli.data import eval_transform, load_image
 from vitcli.errors import DatasetError, UsageError
 from vitcli.evaluate import (
     ClassMetrics,
@@ -23,7 +22,9 @@ from vitcli.evaluate import (
     evaluate_model,
     per_class_metrics,
 )
-from vitcli.models import LoadedModel, load_model
+from vitcli.io.images import load_image
+from vitcli.io.transforms import eval_transform
+from vitcli.models.resolve import LoadedModel, load_model
 
 runner = CliRunner()
 COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
@@ -154,8 +155,9 @@ def test_matrix_keeps_only_folder_classes_and_predicted_ones(tmp_path):
 
 
 def test_tiny_model_totals_match_an_independent_forward(tiny, tmp_path):
-    from vitcli.data import eval_transform, load_image
-    from vitcli.predict import PredictOptions, predict
+    from vitcli.inference.predict import PredictOptions, predict
+    from vitcli.io.images import load_image
+    from vitcli.io.transforms import eval_transform
 
     data = noise_folder(tmp_path / "data", {"dog": 5, "cat": 4, "bird": 3})
     result = evaluate_model(tiny, data, batch_size=5, workers=0)
@@ -382,7 +384,7 @@ def test_top5_of_a_model_with_more_than_5_classes_counts_true_classes_in_the_top
 def test_cli_leaves_out_the_top5_column_for_two_classes(tiny_model_dir, tmp_path):
     import timm
 
-    from vitcli.models import save_model_folder
+    from vitcli.models.resolve import save_model_folder
 
     two = save_model_folder(timm.create_model("test_vit", pretrained=False, num_classes=2).eval(),
                             tmp_path / "two", ["cat", "dog"])

@@ -37,7 +37,7 @@ def test_config_imports_no_torch_and_its_default_model_is_the_resolvers():
     code = "import sys, vitcli.finetune.config; assert 'torch' not in sys.modules and 'timm' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     from vitcli.finetune.config import DEFAULT_MODEL, FinetuneConfig
-    from vitcli.models import DEFAULT_MODEL as RESOLVER_DEFAULT
+    from vitcli.models.resolve import DEFAULT_MODEL as RESOLVER_DEFAULT
 
     assert DEFAULT_MODEL == RESOLVER_DEFAULT == FinetuneConfig().model
 

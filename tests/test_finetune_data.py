@@ -9,11 +9,11 @@ import torch
 
 from _finetune import Recorder, class_folders, config
 from conftest import make_image
-from vitcli.datasets import FolderData
+from vitcli.distributed import Dist
 from vitcli.errors import DatasetError
 from vitcli.finetune.config import FinetuneConfig
-from vitcli.finetune.distributed import Dist
 from vitcli.finetune.loop import fit
+from vitcli.io.datasets import FolderData
 
 pytestmark = pytest.mark.usefixtures("no_figures")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vitcli.finetune.distributed import Dist
+from vitcli.distributed import Dist
 from vitcli.finetune.sampling import EpochSampler, rng_state, set_rng_state
 
 

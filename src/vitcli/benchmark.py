@@ -92,7 +92,7 @@ def _ort_int8_rate(n: int, seconds: float) -> float:
     import onnx
     from onnx import TensorProto, helper
 
-    from vitcli.runtime import import_onnxruntime, session_options
+    from vitcli.inference.onnx_engine import import_onnxruntime, session_options
 
     ort = import_onnxruntime()
     graph = helper.make_graph(
@@ -172,7 +172,7 @@ def build_backends(loaded: Any, names: Sequence[str], workdir: Path, say: Callab
                 skipped[name] = "no CUDA device"
                 continue
             path = _onnx_file(loaded, workdir, int8=name.endswith("int8"), say=say)
-            from vitcli.runtime import load_onnx
+            from vitcli.inference.onnx_engine import load_onnx
 
             onnx_model = load_onnx(path, device="cuda" if name.endswith("cuda") else "cpu", spin=False)
             runners[name] = ("int8" if name.endswith("int8") else "fp32", onnx_model.logits)
@@ -192,8 +192,8 @@ def build_backends(loaded: Any, names: Sequence[str], workdir: Path, say: Callab
 
 
 def _onnx_file(loaded: Any, workdir: Path, int8: bool, say: Callable[[str], None]) -> Path:
-    from vitcli.export import ExportOptions, _quiet_exporters, export_metadata
-    from vitcli.exporters import export_onnx, write_onnx
+    from vitcli.export.formats import export_onnx, write_onnx
+    from vitcli.export.job import ExportOptions, _quiet_exporters, export_metadata
 
     fp32 = workdir / "model.onnx"
     if not fp32.exists():
@@ -206,8 +206,8 @@ def _onnx_file(loaded: Any, workdir: Path, int8: bool, say: Callable[[str], None
         return fp32
     import onnx
 
-    from vitcli.exporters import read_metadata
-    from vitcli.quantize import quantize_int8
+    from vitcli.export.formats import read_metadata
+    from vitcli.export.quantize import quantize_int8
 
     path = workdir / "model.int8.onnx"
     say("quantizing to int8")
@@ -222,9 +222,9 @@ def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Seq
                   repeats: int = 10, warmup: int = 2, backends: Sequence[str] | None = None,
                   verify_images: Sequence[str] = (), say: Callable[[str], None] | None = None) -> BenchmarkResult:
     """Time ``name`` on every backend and batch size; see the module docstring."""
-    from vitcli.export import TOLERANCES, export_metadata, load_exportable
-    from vitcli.exporters import data_config_of
-    from vitcli.verify import batch_of, compare, run_batched, verification_images
+    from vitcli.export.formats import data_config_of
+    from vitcli.export.job import TOLERANCES, export_metadata, load_exportable
+    from vitcli.export.verify import batch_of, compare, run_batched, verification_images
 
     say = say or (lambda _: None)
     if not batch_sizes or min(batch_sizes) < 1:
@@ -285,7 +285,7 @@ def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Seq
 
 
 def _options() -> Any:
-    from vitcli.export import ExportOptions
+    from vitcli.export.job import ExportOptions
 
     return ExportOptions()
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from vitcli.datasets import LabeledImages, Sample, find_eval_dir, map_classes, scan_class_folders
 from vitcli.devices import autocast, resolve_device
 from vitcli.errors import DatasetError, ImageLoadError, UsageError
-from vitcli.models import LoadedModel
-from vitcli.sharding import Rank
+from vitcli.inference.shards import Rank
+from vitcli.io.datasets import LabeledImages, Sample, find_eval_dir, map_classes, scan_class_folders
+from vitcli.models.resolve import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -160,11 +160,11 @@ def evaluate_model(
     """Score ``loaded`` on a folder-per-class split.
 
     Args:
-        loaded: the model from ``vitcli.models.load_model``; its labels name the classes.
+        loaded: the model from ``vitcli.models.resolve.load_model``; its labels name the classes.
         data_dir: a split folder of class sub-folders, or a dataset root (DATA/test, else
             DATA/val|validation|valid, else DATA itself; see ``datasets.find_eval_dir``).
         split: a sub-folder of ``data_dir`` to evaluate instead of the automatic choice.
-        workers: CPU streams or GPU DataLoader processes, as for ``vitcli predict`` (``vitcli.predict.scored_batches``).
+        workers: CPU streams or GPU DataLoader processes, as for ``vitcli predict``.
         device, precision: as for ``vitcli predict`` (``auto``/``cpu``/``cuda``; ``fp32``/``bf16``/``fp16``).
         strict: an unreadable image is fatal (checked before evaluating) instead of skipped.
         on_batch: called with (images done, total) after each batch, for progress bars.
@@ -172,9 +172,9 @@ def evaluate_model(
             every N-th image and the counts (confusion matrix, loss, hits, unreadable files) are
             summed over the ranks, so every rank returns the whole folder's result.
     """
-    from vitcli.batching import scored_batches
-    from vitcli.data import eval_transform
-    from vitcli.datasets import drop_unreadable
+    from vitcli.inference.batching import scored_batches
+    from vitcli.io.datasets import drop_unreadable
+    from vitcli.io.transforms import eval_transform
 
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")

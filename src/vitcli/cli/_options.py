@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from vitcli.embedded import DEFAULT_MODEL as DEFAULT_MODEL  # torch-free: the one definition, as vitcli.models
+from vitcli.embedded import DEFAULT_MODEL as DEFAULT_MODEL  # torch-free: the one definition, as vitcli.models.resolve
 
 
 class Device(str, Enum):

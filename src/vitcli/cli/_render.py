@@ -1,6 +1,6 @@
 """What every command shares for showing things: markup escaping, progress bars (on stderr), and the
 terminal record sinks of predict (error lines, the streamed table, progress), which take ``Prediction``
-records one by one (``vitcli.streaming.write_records``) like the file writers of ``vitcli.records``."""
+records one by one (``vitcli.inference.job.write_records``) like the file writers of ``vitcli.io.records``."""
 
 from __future__ import annotations
 

@@ -68,11 +68,11 @@ def evaluate(
     N-th image on its own device; the counts are summed and rank 0 reports the whole folder.
     """
     with handled_errors():
-        from vitcli.sharding import torchrun_rank
+        from vitcli.inference.shards import torchrun_rank
 
         rank, group, device_name = torchrun_rank(), None, device.value
         if rank.enabled:
-            from vitcli.sharding import init_process_group
+            from vitcli.inference.shards import init_process_group
 
             rank, device_name, group = init_process_group(device.value)
         try:
@@ -90,7 +90,7 @@ def _evaluate(data, model, weights, split, json_out, confusion_png, batch_size, 
     """One process's part; under torchrun every rank scores its share and rank 0 reports the sum."""
     from vitcli.console import err
     from vitcli.evaluate import evaluate_model
-    from vitcli.models import load_model
+    from vitcli.models.resolve import load_model
 
     with err.status(f"loading {model}") if rank.main else contextlib.nullcontext():
         loaded = load_model(model, weights)
@@ -106,7 +106,7 @@ def _evaluate(data, model, weights, split, json_out, confusion_png, batch_size, 
     for path, reason in result.skipped:
         err.print(f"[bold red]Error:[/] {escape(path)}: {escape(reason)}", highlight=False)
     if confusion_png is not None:
-        from vitcli.plots import save_confusion_matrix
+        from vitcli.charts import save_confusion_matrix
 
         title = f"{loaded.name} on {result.folder}"
         save_confusion_matrix(result.matrix, result.labels, confusion_png, title=title)

@@ -76,7 +76,7 @@ def export(
     """
     with handled_errors():
         from vitcli.console import err, out
-        from vitcli.export import ExportOptions, export_model
+        from vitcli.export.job import ExportOptions, export_model
 
         stem = output or Path("exported") / Path(model.rstrip("/")).name.replace("local-dir:", "")
         options = ExportOptions(

@@ -66,7 +66,7 @@ def patches(
     Layers and heads are numbered from 1. CNNs have no tokens: exit 2.
     """
     with handled_errors():
-        from vitcli.explain import PatchesOptions, explain_image
+        from vitcli.explain.patches import PatchesOptions, explain_image
 
         options = PatchesOptions(
             model=model, weights=weights, pretrained=not no_pretrained, img_size=_parse_size(img_size), out_dir=out,

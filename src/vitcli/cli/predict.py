@@ -71,9 +71,9 @@ def predict(
     share on its own device and rank 0 writes every record, in input order.
     """
     with handled_errors():
-        from vitcli.predict import PredictOptions
-        from vitcli.sharding import Shard, torchrun_rank
-        from vitcli.streaming import PredictJob
+        from vitcli.inference.job import PredictJob
+        from vitcli.inference.predict import PredictOptions
+        from vitcli.inference.shards import Shard, torchrun_rank
 
         raw = list(inputs or [])
         if model == DEFAULT_MODEL and raw and raw[0].endswith(".onnx"):  # `vitcli predict model.onnx img.jpg`
@@ -95,7 +95,7 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
 
     group = None
     if job.rank.enabled:
-        from vitcli.sharding import broadcast, init_process_group
+        from vitcli.inference.shards import broadcast, init_process_group
 
         job.rank, device, group = init_process_group(options.device)
         options = dataclasses.replace(options, device=device)
@@ -110,7 +110,7 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
         sinks: list[Any] = []
         if job.rank.main:
             from vitcli.cli._render import ErrorLines, ProgressSink, TableSink
-            from vitcli.records import CsvFile, JsonlWriter
+            from vitcli.io.records import CsvFile, JsonlWriter
 
             progress = ProgressSink(job)  # after open(): it counts what is left to do
             sinks.append(ErrorLines())
@@ -127,12 +127,12 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
         def load():
             import contextlib
 
-            from vitcli.models import load_model
+            from vitcli.models.resolve import load_model
 
             with err.status(f"loading {model}") if job.rank.main else contextlib.nullcontext():
                 return load_model(model, weights)
 
-        from vitcli.streaming import write_records
+        from vitcli.inference.job import write_records
 
         if model.endswith(".onnx"):  # ONNX Runtime, no torch: preprocessing and labels come from the file
             records = job.stream(lambda: _onnx_predictor(model, options), options.batch_size, group)
@@ -159,8 +159,8 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
 
 
 def _onnx_predictor(path: str, options):
-    """``sources -> Prediction records`` through ONNX Runtime (``vitcli.runtime``: NumPy + Pillow, no torch)."""
-    from vitcli.runtime import load_onnx, predict_onnx
+    """``sources -> Prediction records`` through ONNX Runtime (``inference.onnx_engine``: NumPy + Pillow, no torch)."""
+    from vitcli.inference.onnx_engine import load_onnx, predict_onnx
 
     model = load_onnx(path, options.device)
     return lambda sources: predict_onnx(model, sources, options.top_k, options.batch_size, options.tta)

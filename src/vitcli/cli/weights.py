@@ -28,7 +28,7 @@ def pull(
     """
     with handled_errors():
         from vitcli.console import err, out
-        from vitcli.models import pull_to_store
+        from vitcli.models.resolve import pull_to_store
 
         for name in names:
             with err.status(f"pulling {name}"):
@@ -48,7 +48,7 @@ def list_(json_out: JsonOpt = False) -> None:
         from rich.table import Table
 
         from vitcli.console import err, out
-        from vitcli.models import list_store, store_dir
+        from vitcli.models.resolve import list_store, store_dir
 
         entries = list_store()
         if json_out:

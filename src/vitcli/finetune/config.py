@@ -133,7 +133,7 @@ def resume_config(run_dir: str | Path, **given: Any) -> FinetuneConfig:
     Only RESUMABLE_OPTIONS may change; another option that differs from the saved run is refused.
     ``max_steps`` is not carried over: a resumed smoke run continues to the end unless given again.
     """
-    from vitcli.fileio import recover_dir
+    from vitcli.io.fileio import recover_dir
 
     run_dir = Path(run_dir).expanduser()
     args_file = run_dir / ARGS_FILE

@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
-from vitcli.batching import default_workers
-from vitcli.datasets import FolderData, LabeledImages, discover, drop_unreadable
+from vitcli.distributed import Dist, on_every_rank, on_rank0
 from vitcli.errors import DatasetError
 from vitcli.finetune.config import FinetuneConfig
-from vitcli.finetune.distributed import Dist, on_every_rank, on_rank0
 from vitcli.finetune.sampling import EpochSampler, seed_worker
+from vitcli.inference.batching import default_workers
+from vitcli.io.datasets import FolderData, LabeledImages, discover, drop_unreadable
 
 IMBALANCE_HINT_RATIO = 3.0  # max/min images per class above which a --balance hint is given
 
@@ -59,7 +59,7 @@ def data_warnings(data: FolderData, config: FinetuneConfig) -> list[str]:
 def make_loaders(config: FinetuneConfig, data: FolderData, data_config: dict[str, Any], device: torch.device,
                  dist: Dist) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader, EpochSampler]:
     """Train (augmented, seeded, this rank's share) and val loaders, and the train sampler."""
-    from vitcli.data import eval_transform, train_transform
+    from vitcli.io.transforms import eval_transform, train_transform
 
     train_tf = train_transform(data_config, scale=(config.scale_min, 1.0), color_jitter=config.color_jitter,
                                auto_augment=config.randaugment or None)

@@ -9,7 +9,7 @@ saved, so a run resumed mid-epoch on one process with ``workers=0`` ends with bi
 
 Distributed: under ``torchrun`` (RANK/LOCAL_RANK/WORLD_SIZE set) one process per device trains a
 DistributedDataParallel copy; only rank 0 writes files and calls the callback. A failure on any rank
-stops every rank with that error (see ``vitcli.finetune.distributed``).
+stops every rank with that error (see ``vitcli.distributed``).
 """
 
 from __future__ import annotations
@@ -26,13 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitcli.datasets import FolderData
 from vitcli.devices import autocast, resolve_precision
-from vitcli.errors import NonFiniteLossError
-from vitcli.finetune import rundir
-from vitcli.finetune.config import STATE_FILE, FinetuneConfig, absolute_paths, check_config
-from vitcli.finetune.data import check_files_exist, data_warnings, make_loaders, prepare_data
-from vitcli.finetune.distributed import (
+from vitcli.distributed import (
     Dist,
     all_reduce,
     any_rank,
@@ -41,10 +36,15 @@ from vitcli.finetune.distributed import (
     on_rank0,
     share_step,
 )
+from vitcli.errors import NonFiniteLossError
+from vitcli.finetune import rundir
+from vitcli.finetune.config import STATE_FILE, FinetuneConfig, absolute_paths, check_config
+from vitcli.finetune.data import check_files_exist, data_warnings, make_loaders, prepare_data
 from vitcli.finetune.model import build_model, classifier_heads, model_data_config
 from vitcli.finetune.rundir import RunResult
 from vitcli.finetune.sampling import epoch_seed, seed_everything, set_rng_state
 from vitcli.finetune.stop import interrupted, non_finite, stop_on_signals
+from vitcli.io.datasets import FolderData
 
 TOP_K = 5  # the second accuracy reported, where there are more than K classes (else it is always 100%)
 

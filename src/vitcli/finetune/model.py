@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from vitcli.finetune.config import FinetuneConfig
-from vitcli.models import LoadedModel, load_model
+from vitcli.models.resolve import LoadedModel, load_model
 
 
 def classifier_heads(model: nn.Module) -> list[nn.Module]:

@@ -1,7 +1,7 @@
 """The run folder (``runs/finetune/<name>``) and what is written to it. Only rank 0 writes::
 
     args.json          the resolved FinetuneConfig (absolute paths) and what it resolved to: device, precision, ...
-    split.json         the train/val samples (vitcli.datasets.FolderData, absolute paths), reused by --resume
+    split.json         the train/val samples (vitcli.io.datasets.FolderData, absolute paths), reused by --resume
     metrics.csv        one row per epoch, rewritten atomically
     state.pt           training state for --resume (tensors and plain containers: weights_only=True)
     best/  last/       timm hub-layout model folders (config.json + model.safetensors), replaced safely
@@ -33,7 +33,7 @@ from vitcli.finetune.sampling import rng_state
 
 if TYPE_CHECKING:
     from vitcli.finetune.loop import TrainParts
-    from vitcli.models import LoadedModel
+    from vitcli.models.resolve import LoadedModel
 
 STATE_VERSION = 1
 MIN_DELTA = 1e-4  # a val loss lower by less than this is no improvement (patience, best/)
@@ -152,7 +152,7 @@ def write_args(run_dir: Path, config: FinetuneConfig, loaded: LoadedModel, data_
     import timm
 
     from vitcli import __version__
-    from vitcli.fileio import atomic_open
+    from vitcli.io.fileio import atomic_open
 
     resolved = {"arch": loaded.arch, "source": loaded.source, **resolved,
                 "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
@@ -163,14 +163,14 @@ def write_args(run_dir: Path, config: FinetuneConfig, loaded: LoadedModel, data_
 
 def save_model(folder: Path, model: nn.Module, classes: list[str], data_config: dict[str, Any]) -> None:
     """``model`` as a timm model folder (best/ or last/), replaced so that one exists at every instant."""
-    from vitcli.models import save_model_folder
+    from vitcli.models.resolve import save_model_folder
 
     save_model_folder(model, folder, classes, data_config)
 
 
 def save_state(run_dir: Path, parts: TrainParts, progress: Progress) -> None:
     """state.pt: model, optimizer, schedule, scaler, EMA, progress and RNG states (weights_only-loadable)."""
-    from vitcli.fileio import atomic_save_torch
+    from vitcli.io.fileio import atomic_save_torch
 
     state = {
         "version": STATE_VERSION,
@@ -220,7 +220,7 @@ def metric_columns(rows: list[dict[str, float]]) -> list[str]:
 
 
 def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
-    from vitcli.fileio import atomic_open
+    from vitcli.io.fileio import atomic_open
 
     columns = metric_columns(rows)
     with atomic_open(path, "w", newline="") as f:
@@ -232,7 +232,7 @@ def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
 
 def write_figures(run_dir: Path, progress: Progress, classes: list[str]) -> None:
     """curves.png (loss and accuracy by epoch) and the best model's confusion matrix on val."""
-    from vitcli.plots import save_confusion_matrix, save_curves
+    from vitcli.charts import save_confusion_matrix, save_curves
 
     if progress.rows:
         save_curves(progress.rows, run_dir / "curves.png")

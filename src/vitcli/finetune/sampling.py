@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitcli.finetune.distributed import Dist
+from vitcli.distributed import Dist
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):

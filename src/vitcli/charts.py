@@ -1,0 +1,134 @@
+"""PNG figures: training curves and confusion matrices. Never prints.
+
+matplotlib is imported inside the functions (it costs ~0.3 s) and used through its object API with
+the Agg canvas, so no pyplot state or global backend is touched. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ANNOTATE_MAX_CLASSES = 30  # above this, cells are not annotated with their counts
+TICK_LABELS_MAX_CLASSES = 100  # above this, class names are left off the axes
+LABEL_MAX_CHARS = 24
+DPI = 120
+
+
+def _number(value: Any) -> float:
+    """A metrics value (float, int, numeric string, '' or None) as a float, NaN when missing."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _save(fig: Any, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from vitcli.io.fileio import atomic_open
+
+    FigureCanvasAgg(fig)
+    path = Path(path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=DPI)
+    return path
+
+
+def save_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Loss (train_loss, val_loss) and accuracy (val_top1, val_top5) by epoch, as a PNG.
+
+    Args:
+        rows: metrics.csv rows, one per epoch; missing keys, empty strings and NaN are gaps.
+            Accuracies given as fractions (all <= 1) are shown in percent.
+        path: the PNG to write (atomically).
+    """
+    from matplotlib.figure import Figure
+
+    epochs = [_number(row.get("epoch", i + 1)) for i, row in enumerate(rows)]
+    epochs = [i + 1 if math.isnan(e) else e for i, e in enumerate(epochs)]
+
+    def series(key: str) -> list[float]:
+        return [_number(row.get(key)) for row in rows]
+
+    accuracy = {key: series(key) for key in ("val_top1", "val_top5")}
+    finite = [v for values in accuracy.values() for v in values if not math.isnan(v)]
+    scale = 100.0 if finite and max(finite) <= 1.0 else 1.0
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    panels = [(loss_ax, {"train_loss": series("train_loss"), "val_loss": series("val_loss")}, "loss", 1.0),
+              (acc_ax, accuracy, "accuracy (%)", scale)]
+    for ax, lines, ylabel, factor in panels:
+        drawn = False
+        for key, values in lines.items():
+            if all(math.isnan(v) for v in values):
+                continue
+            ax.plot(epochs, [v * factor for v in values], marker="o", markersize=3, label=key)
+            drawn = True
+        if drawn:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    loss_ax.set_title("loss")
+    acc_ax.set_title("validation accuracy")
+    return _save(fig, path)
+
+
+def save_confusion_matrix(matrix: Any, labels: Sequence[str], path: Path, title: str = "") -> Path:
+    """A confusion matrix as a PNG: rows are the true class, columns the predicted class.
+
+    Cells are coloured by the fraction of their row (recall on the diagonal) and annotated with
+    their counts up to ``ANNOTATE_MAX_CLASSES`` classes; the figure grows with the number of classes.
+
+    Args:
+        matrix: (C, C) counts: a torch tensor, a NumPy array or nested lists.
+        labels: the C class names, in row order.
+        path: the PNG to write (atomically).
+        title: shown above the matrix.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(matrix.tolist() if hasattr(matrix, "tolist") else matrix, dtype=np.int64)
+    n = len(labels)
+    if counts.ndim != 2 or counts.shape != (n, n):
+        raise ValueError(f"matrix of shape {counts.shape} does not fit {n} labels")
+    row_sums = counts.sum(axis=1, keepdims=True)
+    fractions = np.divide(counts, row_sums, out=np.zeros(counts.shape, dtype=float), where=row_sums > 0)
+
+    # inches: 0.45 per annotated cell, 0.15 per cell beyond (no counts), bounded for 1000 classes
+    side = min(max(3.0 + 0.45 * min(n, ANNOTATE_MAX_CLASSES) + 0.15 * max(n - ANNOTATE_MAX_CLASSES, 0), 5.0), 30.0)
+    fontsize = 10 if n <= 12 else 8 if n <= ANNOTATE_MAX_CLASSES else 6
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
+
+    short = [s if len(s) <= LABEL_MAX_CHARS else s[: LABEL_MAX_CHARS - 1] + "…" for s in map(str, labels)]
+    if n <= TICK_LABELS_MAX_CLASSES:
+        slanted = n > 6 or max(map(len, short), default=0) > 8  # long names would overlap side by side
+        ax.set_xticks(range(n), short, rotation=45 if slanted else 0, ha="right" if slanted else "center",
+                      rotation_mode="anchor")
+        ax.set_yticks(range(n), short)
+        ax.tick_params(labelsize=fontsize)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if n <= ANNOTATE_MAX_CLASSES:
+        for (i, j), count in np.ndenumerate(counts):
+            color = "white" if fractions[i, j] > 0.5 else "black"
+            ax.text(j, i, str(count), ha="center", va="center", color=color, fontsize=fontsize)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    total = int(counts.sum())
+    accuracy = np.trace(counts) / total if total else 0.0
+    subtitle = f"{total} images, accuracy {accuracy:.1%}"
+    ax.set_title(f"{title}\n{subtitle}" if title else subtitle)
+    return _save(fig, path)

@@ -1,0 +1,252 @@
+"""A torch-free predictor for exported ``.onnx`` files: ONNX Runtime, NumPy and Pillow only.
+
+``vitcli predict model.onnx`` runs through here and never imports torch or timm, so it starts in a
+fraction of a second. Labels and preprocessing come from the file's own metadata (written by
+``vitcli.export.job``); ``preprocess`` reproduces timm's eval transform (``transforms_imagenet_eval``)
+step for step on PIL images, so the pixels fed to the network equal timm's exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vitcli.errors import ImageLoadError, MissingExtraError, ModelLoadError, UsageError
+from vitcli.io.images import load_image
+
+INSTALL_HINT = 'ONNX support needs the export extra: pip install -e ".[export]"'
+DEFAULT_CROP_PCT = 0.875  # timm.data.DEFAULT_CROP_PCT (not imported: timm pulls in torch)
+DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode", "crop_border_pixels")
+PIL_INTERPOLATION = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def import_onnxruntime() -> Any:
+    """``onnxruntime``, or a MissingExtraError with the install line."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise MissingExtraError(INSTALL_HINT) from e
+    return onnxruntime
+
+
+# -------------------------------------------------------------------------- preprocessing
+
+
+def preprocess(img: Image.Image, config: dict[str, Any]) -> np.ndarray:
+    """An RGB PIL image -> float32 (3, H, W), equal to timm's eval transform for ``config``.
+
+    ``config`` is a timm data config: input_size, interpolation, mean, std, crop_pct, crop_mode,
+    and optionally crop_border_pixels. Kept here rather than calling timm so that ONNX inference
+    needs no torch; tests compare it with ``timm.data.create_transform`` pixel for pixel.
+    """
+    _, height, width = config["input_size"]
+    crop_pct = config.get("crop_pct") or DEFAULT_CROP_PCT
+    crop_mode = config.get("crop_mode") or "center"
+    resample = PIL_INTERPOLATION[config.get("interpolation") or "bilinear"]
+    scale_h, scale_w = math.floor(height / crop_pct), math.floor(width / crop_pct)
+    if border := config.get("crop_border_pixels"):
+        img = img.crop((border, border, img.width - border, img.height - border))  # timm's TrimBorder
+    if crop_mode == "squash":
+        img = _resize(img, (scale_h, scale_w), resample)
+        img = _center_crop(img, (height, width))
+    elif crop_mode == "border":
+        img = _resize(img, _keep_ratio_size(img, (scale_h, scale_w), longest=1.0), resample)
+        img = _center_crop(img, (height, width), fill=tuple(round(255 * v) for v in config["mean"]))
+    else:  # "center"
+        if scale_h == scale_w:  # torchvision's Resize(int): shorter side to scale, int() of the longer
+            short, long = sorted((img.width, img.height))
+            new_short, new_long = scale_h, int(scale_h * long / short)
+            size = (new_long, new_short) if img.width <= img.height else (new_short, new_long)
+        else:
+            size = _keep_ratio_size(img, (scale_h, scale_w), longest=0.0)
+        img = _resize(img, size, resample)
+        img = _center_crop(img, (height, width))
+    x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)  # (H, W, 3), as ToTensor
+    mean = np.asarray(config["mean"], dtype=np.float32)
+    std = np.asarray(config["std"], dtype=np.float32)
+    return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))  # (3, H, W), as Normalize
+
+
+def _resize(img: Image.Image, size: tuple[int, int], resample: Image.Resampling) -> Image.Image:
+    """Resize to (height, width) as torchvision's PIL resize does (unchanged when already that size)."""
+    height, width = size
+    if (img.height, img.width) == (height, width):
+        return img
+    return img.resize((width, height), resample)
+
+
+def _keep_ratio_size(img: Image.Image, target: tuple[int, int], longest: float) -> tuple[int, int]:
+    """timm's ``ResizeKeepRatio.get_params`` without its random parts: (height, width)."""
+    ratio_h, ratio_w = img.height / target[0], img.width / target[1]
+    ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
+    return round(img.height / ratio), round(img.width / ratio)
+
+
+def _center_crop(img: Image.Image, size: tuple[int, int], fill: Any = 0) -> Image.Image:
+    """torchvision's ``center_crop`` (zero padding where the image is smaller; timm's CenterCropOrPad
+    pads with ``fill``)."""
+    crop_h, crop_w = size
+    if crop_w > img.width or crop_h > img.height:
+        left, top = max(crop_w - img.width, 0) // 2, max(crop_h - img.height, 0) // 2
+        padded = Image.new("RGB", (max(crop_w, img.width), max(crop_h, img.height)),
+                           fill if isinstance(fill, tuple) else (fill,) * 3)
+        padded.paste(img, (left, top))
+        img = padded
+        if (img.width, img.height) == (crop_w, crop_h):
+            return img
+    top = int(round((img.height - crop_h) / 2.0))
+    left = int(round((img.width - crop_w) / 2.0))
+    return img.crop((left, top, left + crop_w, top + crop_h))
+
+
+# ---------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class OnnxModel:
+    """An ONNX Runtime session with the labels and preprocessing its file carries."""
+
+    session: Any
+    path: Path
+    metadata: dict[str, Any]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.metadata["labels"])
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """timm's data config, as ``vitcli export`` recorded it."""
+        return {k: self.metadata[k] for k in DATA_KEYS if k in self.metadata}
+
+    @property
+    def input_name(self) -> str:
+        return self.session.get_inputs()[0].name
+
+    @property
+    def input_dtype(self) -> Any:
+        return np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (B, 3, H, W) -> float32 logits (B, num_classes)."""
+        out = self.session.run(None, {self.input_name: batch.astype(self.input_dtype, copy=False)})[0]
+        return out.astype(np.float32, copy=False)
+
+
+def read_metadata(session: Any) -> dict[str, Any]:
+    """The vitcli metadata of a session: each ``metadata_props`` value is a JSON document."""
+    return parse_metadata(session.get_modelmeta().custom_metadata_map)
+
+
+def parse_metadata(raw: dict[str, str]) -> dict[str, Any]:
+    """JSON-decode each value; values other tools wrote as plain strings stay strings."""
+    meta: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key] = value
+    return meta
+
+
+def session_options(threads: int | None = None, spin: bool = True) -> Any:
+    """Session options; ``spin=False`` stops idle threads busy-waiting (for benchmarks that take turns)."""
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+def providers(device: str = "auto") -> list[Any]:
+    """CUDA first when the runtime has it and the device allows it (``cuda:N``: that GPU), the CPU always."""
+    available = import_onnxruntime().get_available_providers()
+    kind, _, index = device.partition(":")
+    chosen: list[Any] = []
+    if kind in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        cuda = "CUDAExecutionProvider"
+        chosen = [(cuda, {"device_id": int(index)})] if index.isdigit() else [cuda]
+    if kind == "cuda" and not chosen:
+        raise UsageError("--device cuda was asked for but this ONNX Runtime has no CUDA provider; "
+                         "install onnxruntime-gpu or use --device cpu")
+    return [*chosen, "CPUExecutionProvider"]
+
+
+def load_onnx(path: str | Path, device: str = "auto", threads: int | None = None, spin: bool = True) -> OnnxModel:
+    """Open an exported ``.onnx`` file; its metadata must carry labels and a data config."""
+    ort = import_onnxruntime()
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"ONNX file '{path}' does not exist")
+    try:
+        session = ort.InferenceSession(str(path), session_options(threads, spin), providers=providers(device))
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise ModelLoadError(f"'{path}' is not a loadable ONNX model ({str(e).strip().splitlines()[0]})") from e
+    meta = read_metadata(session)
+    if not {"labels", "input_size", "mean", "std"} <= meta.keys():
+        raise ModelLoadError(f"'{path}' has no vitcli metadata (labels, input_size, mean, std); "
+                             "export it with `vitcli export`, which writes them into the file")
+    return OnnxModel(session, path, meta)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def predict_onnx(model: OnnxModel, sources: Iterable[str], top_k: int = 5, batch_size: int = 32,
+                 tta: bool = False) -> Iterator[Any]:
+    """Yield one ``vitcli.inference.predict.Prediction`` per source, in order; a bad image yields its error."""
+    from vitcli.inference.predict import Label, Prediction
+
+    if top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    labels, config = model.labels, model.data_config
+    top_k = min(top_k, len(labels))
+    pending = iter(sources)  # a list, or a lazy stream of millions (vitcli.inference.job)
+    while chunk := list(itertools.islice(pending, batch_size)):
+        arrays: list[np.ndarray] = []
+        errors: list[str | None] = []
+        for source in chunk:
+            try:
+                arrays.append(preprocess(load_image(source), config))
+                errors.append(None)
+            except ImageLoadError as e:
+                errors.append(e.reason)
+            except Exception as e:  # a pathological image the resize chokes on
+                errors.append(f"could not preprocess ({type(e).__name__}: {e})")
+        if arrays:
+            batch = np.stack(arrays)  # (B, 3, H, W)
+            probs = softmax(model.logits(batch))
+            if tta:
+                probs = (probs + softmax(model.logits(np.ascontiguousarray(batch[..., ::-1])))) / 2
+            order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+        row = 0
+        for source, error in zip(chunk, errors, strict=True):
+            if error is not None:
+                yield Prediction(source, error=error)
+                continue
+            yield Prediction(source, top=[Label(rank + 1, int(i), labels[int(i)], float(probs[row, i]))
+                                          for rank, i in enumerate(order[row])])
+            row += 1

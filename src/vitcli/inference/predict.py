@@ -1,0 +1,179 @@
+"""Batched prediction: image sources -> Prediction records, streamed. Never prints; no torch at import.
+
+Decoding, resizing and cropping produce 8-bit images, and each batch is normalized in one
+vectorized step (``vitcli.io.transforms.EvalPipeline``). Where the decoding runs depends on the device: on
+a GPU, in DataLoader worker processes overlapped with the forward pass; on the CPU, where both need
+the same cores, in per-core streams that each decode a batch and run the model on it
+(``vitcli.inference.batching.scored_key_batches``). Sources are read lazily, a few batches ahead, and each
+batch's records are yielded as soon as it is done, in input order.
+A file that fails to load becomes a Prediction with ``error`` set and the other images in its batch
+are still predicted. ``with_input_problems`` puts the inputs that named no image in their place,
+for this predictor or any other (a torch-free ONNX Runtime one) that yields records in order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vitcli.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from vitcli.io.inputs import InputProblem
+    from vitcli.models.resolve import LoadedModel
+
+
+@dataclass(frozen=True)
+class Label:
+    """One of the top-k answers for an image."""
+
+    rank: int
+    index: int
+    label: str
+    prob: float
+
+
+@dataclass
+class Prediction:
+    """The top-k labels for one image source, or why it could not be read."""
+
+    source: str
+    top: list[Label] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    top_k: int = 5
+    batch_size: int = 32
+    workers: int | None = None  # CPU: streams (None: torch's threads); GPU: DataLoader processes (None: cores, max 4)
+    device: str = "auto"
+    precision: str = "fp32"
+    tta: bool = False  # average the softmax of the image and its horizontal flip
+    # False: timm's exact Pillow transform. True: JPEG DCT-domain downscaling (never below the resize
+    # target), torchvision JPEG decoding and uint8 resizing in torch (see vitcli.io.transforms.eval_pipeline)
+    fast_decode: bool = True
+
+
+def predict(loaded: LoadedModel, sources: Iterable[str], options: PredictOptions = PredictOptions(),
+            on_batch: Callable[[int], None] | None = None) -> Iterator[Prediction]:
+    """Yield one Prediction per source, in input order, each batch as soon as it is done.
+
+    Args:
+        loaded: the model from ``vitcli.models.resolve.load_model``.
+        sources: image paths or URLs; any iterable, read lazily a few batches ahead (a generator
+            over a million paths is never held as a list).
+        options: batch size, workers, device, precision, TTA, top-k.
+        on_batch: called with the number of sources done after each batch (progress bars).
+    """
+    import torch
+
+    from vitcli.devices import autocast, resolve_device
+    from vitcli.inference.batching import SourceImages, collate_images, scored_key_batches
+    from vitcli.io.transforms import draft_size_for, eval_pipeline
+
+    if options.top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    if options.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    device = resolve_device(options.device)
+    autocast(device, options.precision)  # validates the precision for the device
+    model = loaded.model.to(device).eval()
+    top_k = min(options.top_k, loaded.num_classes)
+    draft = draft_size_for(loaded.data_config) if options.fast_decode else None
+    pipeline = eval_pipeline(loaded.data_config, fast=options.fast_decode)
+    images = SourceImages(pipeline.per_image, draft, pipeline.load)
+
+    def top_of(batch: tuple[torch.Tensor | None, list]) -> tuple[list, list, list]:
+        """(uint8 images, errors) -> (top-k indices, top-k probs, errors); runs in stream threads."""
+        pixels, errors = batch
+        if pixels is None:
+            return [], [], errors
+        with torch.inference_mode():  # per thread, like autocast: a fresh context for every batch
+            x = pipeline.to_batch(pixels.to(device, non_blocking=True))  # uint8 travels, then normalize
+            probs = forward_probs(model, x, autocast(device, options.precision), options.tta)
+            values, indices = probs.topk(top_k, dim=1)
+        return indices.cpu().tolist(), values.float().cpu().tolist(), errors
+
+    done = 0
+    for batch, (indices, values, errors) in scored_key_batches(images, sources, options.batch_size, collate_images,
+                                                               top_of, device, options.workers):
+        row = 0
+        for source, error in zip(batch, errors, strict=True):
+            if error is not None:
+                yield Prediction(source, error=error)
+                continue
+            yield Prediction(source, top=[
+                Label(rank + 1, idx, loaded.labels[idx], p)
+                for rank, (idx, p) in enumerate(zip(indices[row], values[row], strict=True))
+            ])
+            row += 1
+        done += len(batch)
+        if on_batch is not None:
+            on_batch(done)
+
+
+def with_input_problems(items: Iterable[str | InputProblem],
+                        predict_sources: Callable[[Iterator[str]], Iterable[Prediction]]) -> Iterator[Prediction]:
+    """Records for a stream of sources and input problems, in their order.
+
+    ``predict_sources`` gets the image sources only (lazily) and must yield one record per source in
+    order, as ``predict`` does (or a torch-free predictor); each input problem becomes a failed
+    record in its place. Nothing is held but the problems met between two records.
+    """
+    pending: deque[tuple[int, InputProblem]] = deque()  # (sources pulled before it, problem)
+    pulled = 0
+
+    def sources() -> Iterator[str]:
+        nonlocal pulled
+        for item in items:
+            if isinstance(item, str):
+                pulled += 1
+                yield item
+            else:
+                pending.append((pulled, item))
+
+    emitted = 0
+    for record in predict_sources(sources()):
+        while pending and pending[0][0] <= emitted:
+            yield _failed(pending.popleft()[1])
+        yield record
+        emitted += 1
+    while pending:  # the problems after the last source (read when the stream ran dry)
+        yield _failed(pending.popleft()[1])
+
+
+def _failed(problem: InputProblem) -> Prediction:
+    return Prediction(problem.source, error=problem.reason)
+
+
+def first_source(items: Iterable[str | InputProblem]) -> tuple[list[InputProblem], Iterator[str | InputProblem] | None]:
+    """The input problems before the first image source, and the stream from that source on (None
+    when there is no source at all: then nothing needs a model, and the caller reports the problems)."""
+    items = iter(items)
+    leading: list[InputProblem] = []
+    for item in items:
+        if isinstance(item, str):
+            return leading, itertools.chain([item], items)
+        leading.append(item)
+    return leading, None
+
+
+def forward_probs(model: torch.nn.Module, images: torch.Tensor, precision_ctx: Any,
+                  tta: bool = False) -> torch.Tensor:
+    """Softmax probabilities (B, num_classes) in fp32, optionally averaged with the flipped images."""
+    with precision_ctx:
+        logits = model(images)  # (B, num_classes)
+        probs = logits.float().softmax(dim=1)
+        if tta:
+            probs = (probs + model(images.flip(-1)).float().softmax(dim=1)) / 2
+    return probs

@@ -1,0 +1,129 @@
+"""Inputs in: input expansion (files, folders, globs, URLs, lists) into image sources. Loading one
+image is ``io.images`` (Pillow only); the model's transforms are ``io.transforms``."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from vitcli.errors import UsageError
+from vitcli.io.images import is_url
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                              ".ppm", ".pgm", ".pbm", ".jfif"})
+
+
+# ------------------------------------------------------------------------------ input expansion
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """An input argument that named no image (a missing path, an empty folder, a glob with no match)."""
+
+    source: str
+    reason: str
+    before: int = 0  # how many image sources the inputs before it expanded to: its place among them
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def read_path_list(list_file: str) -> list[str]:
+    """Paths from a text file, one per line (``-`` reads stdin); blank lines and # comments skipped."""
+    return list(iter_path_list(list_file))
+
+
+def iter_path_list(list_file: str) -> Iterator[str]:
+    """``read_path_list`` one line at a time (a list of millions of paths is never held whole).
+
+    A missing list file is reported here, at once, not when the first line is read.
+    """
+    if list_file == "-":
+        return _paths_in(sys.stdin)
+    path = Path(list_file)
+    if not path.exists() or path.is_dir():  # a named pipe is fine: it is read as the lines arrive
+        raise UsageError(f"--files-from '{list_file}' does not exist; give a text file with one image path "
+                         "or URL per line ('-' reads them from stdin)")
+    return _paths_in_file(path)
+
+
+def _paths_in_file(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as lines:
+        yield from _paths_in(lines)
+
+
+def _paths_in(lines: Iterable[str]) -> Iterator[str]:
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield line
+
+
+def expand_inputs(inputs: Iterable[str]) -> tuple[list[str], list[InputProblem]]:
+    """Files, folders (recursive, by extension), glob patterns and URLs -> image sources, in order.
+
+    Explicit files are kept whatever their extension (a non-image then fails when read, by name).
+    """
+    sources: list[str] = []
+    problems: list[InputProblem] = []
+    for item in iter_inputs(inputs):
+        if isinstance(item, InputProblem):
+            problems.append(InputProblem(item.source, item.reason, len(sources)))
+        else:
+            sources.append(item)
+    return sources, problems
+
+
+def iter_inputs(inputs: Iterable[str]) -> Iterator[str | InputProblem]:
+    """``expand_inputs`` as a stream: each image source, or an InputProblem in its place, in order.
+
+    Folders are walked lazily, one directory listing at a time, in the order of their sorted paths.
+    """
+    for raw in inputs:
+        if is_url(raw):
+            yield raw
+            continue
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = False
+            for source in _walk_images(str(path)):
+                found = True
+                yield source
+            if not found:
+                yield InputProblem(raw, f"folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}, ...)")
+        elif path.exists():
+            yield str(path)
+        elif glob.has_magic(raw):
+            matches = sorted(p for p in glob.iglob(str(path), recursive=True)
+                             if Path(p).is_file() and is_image_path(Path(p)))
+            if not matches:
+                yield InputProblem(raw, "no image matches this pattern")
+            yield from matches
+        else:
+            yield InputProblem(raw, "no such file or directory")
+
+
+def _walk_images(folder: str) -> Iterator[str]:
+    """Image files under ``folder``, recursively, in the order ``sorted(str(path))`` gives them.
+
+    Sorting each listing by name, with "/" after directory names, and descending in that order,
+    yields exactly the sorted full paths (a directory's paths all start with "name/") while holding
+    one listing per level only. Symlinked directories are not followed (as ``Path.rglob``).
+    """
+    try:
+        with os.scandir(folder) as listing:
+            entries = [(e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in listing]
+    except OSError:
+        return
+    for key, entry in sorted(entries, key=lambda pair: pair[0]):
+        if key.endswith("/"):
+            yield from _walk_images(entry.path)
+        elif entry.is_file() and is_image_path(Path(entry.name)):
+            yield entry.path
+
+
