@@ -1,4 +1,5 @@
-"""The CPU's instruction-set flags that decide which precisions run fast (no torch: the ONNX path uses it)."""
+"""The CPU's instruction-set flags that decide which precisions run fast (no torch: the ONNX and
+OpenVINO paths use it)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ FEATURES = {
 }
 
 
+CPUINFO = Path("/proc/cpuinfo")  # tests point it at a file of another CPU's flags (and clear the cache)
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The flags line of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    """The flags line of /proc/cpuinfo (x86 ``flags``, ARM ``Features``; empty where there is none, e.g. macOS)."""
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in CPUINFO.read_text().splitlines():
             if line.startswith(("flags", "Features")):
                 return frozenset(line.split(":", 1)[1].split())
     return frozenset()
@@ -42,3 +46,29 @@ def describe_cpu() -> str:
 
 def has_vnni() -> bool:
     return cpu_features()["VNNI"]
+
+
+# bf16 is chosen only where it is native *and* measured faster than fp32 for that engine
+# (benchmarks/engines.py; docs/engines-speed.md has the figures):
+# - torch autocast: AMX only. On AVX512-BF16 without AMX (AMD Zen 4) torch's bf16 gains little or
+#   nothing over fp32, not worth the top-1 flips of near-ties.
+# - OpenVINO: AVX512-BF16 or AMX (its bf16 kernels gain on both).
+# ARM (bf16 in Features on Neoverse V1/V2) and machines without /proc/cpuinfo stay fp32.
+FAST_BF16_FLAGS = {
+    "torch": ("amx_bf16",),
+    "openvino": ("avx512_bf16", "amx_bf16"),
+}
+
+
+def fast_bf16(engine: str = "torch") -> bool:
+    """Whether ``engine`` ("torch" or "openvino") runs bf16 natively and faster than fp32 on this CPU.
+
+    The rule behind ``--precision auto`` on CPUs (``vitcli.devices.resolve_precision``) and behind
+    OpenVINO's bf16 inference-precision hint; see ``FAST_BF16_FLAGS`` for why the engines differ.
+    """
+    try:
+        wanted = FAST_BF16_FLAGS[engine]
+    except KeyError:
+        raise ValueError(f"unknown engine '{engine}'; use {' or '.join(FAST_BF16_FLAGS)}") from None
+    flags = cpu_flags()
+    return any(f in flags for f in wanted)
