@@ -5,6 +5,7 @@ records one by one (``vitcli.inference.job.write_records``) like the file writer
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,11 +13,37 @@ from typing import Any
 PROGRESS_MIN_ITEMS = 64  # fewer images than this finish before a bar would tell anything
 
 
-def escape(text: str) -> str:
-    """``text`` with rich markup escaped: file names like ``[draft].jpg`` print as they are."""
+# Characters that must not reach a terminal as they are: C0/C1 controls and DEL (ESC starts escape
+# sequences, CR and BS overwrite what was printed), bidi overrides and isolates (they reorder the text
+# around them: "gpj.exe" can show as "exe.jpg"), and lone surrogates (the bytes of a file name that is
+# not UTF-8, as Python's surrogateescape keeps them). Each is shown as a Python-style escape.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _visible(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape): the byte itself
+        return f"\\x{code - 0xDC00:02x}"
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or (
+        f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
+
+
+def visible(text: object) -> str:
+    """``text`` with control characters, bidi controls and non-UTF-8 bytes written as escapes
+    (``\\x1b``, ``\\n``, ``\\u202e``, ``\\xff``): one line, shown as it is, whatever it holds."""
+    return _UNPRINTABLE.sub(_visible, str(text))
+
+
+def escape(text: object) -> str:
+    """Data (file names, URLs, labels, messages that quote them) as rich text that prints as it is:
+    markup escaped (``a[red]b.jpg``, ``[link=...]``) and unprintable characters made visible (``visible``).
+
+    Everything that comes from data and reaches the terminal goes through here; JSON output does not.
+    """
     from rich.markup import escape as rich_escape
 
-    return rich_escape(text)
+    return rich_escape(visible(text))
 
 
 @contextlib.contextmanager
@@ -87,7 +114,8 @@ class TableSink:
         table.add_column("label", width=22, overflow="fold")
         table.add_column("prob", justify="right", width=6)
         for label in record.top:
-            table.add_row(record.source if label.rank == 1 else "", str(label.rank), label.label, f"{label.prob:.4f}")
+            table.add_row(escape(record.source) if label.rank == 1 else "", str(label.rank), escape(label.label),
+                          f"{label.prob:.4f}")
         out.print(table)
         self.header = False
 

@@ -8,6 +8,7 @@ import typer
 
 from vitcli.cli._errors import handled_errors
 from vitcli.cli._options import DEFAULT_MODEL, JsonOpt, ModelOpt, WeightsOpt
+from vitcli.cli._render import escape
 
 
 def benchmark(
@@ -45,7 +46,8 @@ def benchmark(
         names = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
         with err.status("benchmarking") as status:
             result = run_benchmark(model, weights, sizes, repeats, warmup, names, verify_images or (),
-                                   say=lambda msg: (status.update(msg), err.print(msg, style="dim", markup=False)))
+                                   say=lambda msg: (status.update(escape(msg)),
+                                                    err.print(escape(msg), style="dim", highlight=False)))
         if json_out:
             import dataclasses
             import json
@@ -68,7 +70,8 @@ def _render(result, out) -> None:
 
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in result.cpu.items())
     rates = ", ".join(f"{k} {v:.0f}" for k, v in result.matmul_gflops.items())
-    out.print(f"{result.model}: {result.parameters / 1e6:.2f}M parameters, {result.gflops_per_image:.2f} GFLOPs/image; "
+    out.print(f"{escape(result.model)}: {result.parameters / 1e6:.2f}M parameters, "
+              f"{result.gflops_per_image:.2f} GFLOPs/image; "
               f"CPU: {flags}; {result.threads} threads; matmul GFLOP/s: {rates}", highlight=False)
     table = Table(header_style="bold", box=box.SIMPLE_HEAD)
     for name in ("backend", "batch", "img/s", "p50 ms", "p90 ms", "vs eager", "of peak", "top-1", "ok"):
@@ -86,7 +89,7 @@ def _render(result, out) -> None:
 
         Console(file=out.file, width=130, soft_wrap=True).print(table)
     for backend, reason in result.skipped.items():
-        out.print(f"skipped {backend}: {reason}", highlight=False, markup=False)
+        out.print(escape(f"skipped {backend}: {reason}"), highlight=False)
     for bs in sorted({r.batch_size for r in result.rows}):
         int8, fp32 = result.speedup("onnxruntime-int8", bs), result.speedup("onnxruntime-fp32", bs)
         if int8 is not None and fp32 is not None and int8 <= fp32:

@@ -92,10 +92,10 @@ def _evaluate(data, model, weights, split, json_out, confusion_png, batch_size, 
     from vitcli.evaluate import evaluate_model
     from vitcli.models.resolve import load_model
 
-    with err.status(f"loading {model}") if rank.main else contextlib.nullcontext():
+    with err.status(f"loading {escape(model)}") if rank.main else contextlib.nullcontext():
         loaded = load_model(model, weights)
     if rank.main and loaded.folder is not None and loaded.folder != Path(model.removeprefix("local-dir:")).expanduser():
-        err.print(f"using the model folder {loaded.folder}", highlight=False)
+        err.print(f"using the model folder {escape(loaded.folder)}", highlight=False)
     with progress_bar("evaluate") if rank.main else contextlib.nullcontext(lambda done, total: None) as on_batch:
         result = evaluate_model(loaded, data, split=split, batch_size=batch_size, workers=workers, device=device,
                                 precision=precision, strict=strict, on_batch=on_batch, rank=rank, group=group)
@@ -110,7 +110,7 @@ def _evaluate(data, model, weights, split, json_out, confusion_png, batch_size, 
 
         title = f"{loaded.name} on {result.folder}"
         save_confusion_matrix(result.matrix, result.labels, confusion_png, title=title)
-        err.print(f"wrote {confusion_png}", highlight=False)
+        err.print(f"wrote {escape(confusion_png)}", highlight=False)
     _report(result, json_out)
     if result.skipped:
         raise typer.Exit(1)
@@ -136,7 +136,7 @@ def _report(result, json_out: bool) -> None:
 def _summary_table(result):
     from rich.table import Table
 
-    table = Table(title=f"{result.folder}", header_style="bold", title_justify="left")
+    table = Table(title=escape(result.folder), header_style="bold", title_justify="left")
     table.add_column("images", justify="right")
     table.add_column("top-1", justify="right")
     top5 = [f"{result.top5:.2%}"] if result.top5 is not None else []  # no top-5 with 5 classes or fewer

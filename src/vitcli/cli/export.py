@@ -10,6 +10,7 @@ import typer
 
 from vitcli.cli._errors import handled_errors
 from vitcli.cli._options import DEFAULT_MODEL, JsonOpt, ModelOpt, WeightsOpt
+from vitcli.cli._render import escape
 
 
 class Format(str, Enum):
@@ -86,8 +87,8 @@ def export(
             dynamic_size=dynamic_size, opset=opset, max_logit_diff=max_logit_diff, min_agreement=min_agreement)
         with err.status("exporting") as status:
             def say(msg: str) -> None:
-                status.update(msg)
-                err.print(msg, style="dim", markup=False)
+                status.update(escape(msg))
+                err.print(escape(msg), style="dim", highlight=False)
 
             result = export_model(model, weights, options, say=say)
         if json_out:
@@ -98,7 +99,7 @@ def export(
             out.print(_table(result))
         for f in result.files:
             for note in f.notes:
-                err.print(f"{f.path.name}: {note}", highlight=False, markup=False)
+                err.print(escape(f"{f.path.name}: {note}"), highlight=False)
         result.raise_for_failures()
 
 
@@ -106,7 +107,6 @@ def _table(result):
     from rich import box
     from rich.table import Table
 
-    from vitcli.cli._render import escape
 
     folders = sorted({str(f.path.parent) for f in result.files})
     table = Table(header_style="bold", box=box.SIMPLE_HEAD,

@@ -290,8 +290,8 @@ def _report(result: Any) -> None:
     if reason:
         err.print(f"[yellow]{reason}[/] after {result.global_step} steps", highlight=False)
     if result.best_epoch:
-        out.print(f"best val top-1 {result.best_top1:.2%} (epoch {result.best_epoch}): {result.best_dir}",
+        out.print(f"best val top-1 {result.best_top1:.2%} (epoch {result.best_epoch}): {escape(result.best_dir)}",
                   highlight=False)
-    out.print(f"run folder: {result.run_dir}", highlight=False)
-    err.print(f"predict with: vitcli predict --model {result.best_dir} IMAGES", highlight=False)
+    out.print(f"run folder: {escape(result.run_dir)}", highlight=False)
+    err.print(f"predict with: vitcli predict --model {escape(result.best_dir)} IMAGES", highlight=False)
 

@@ -21,6 +21,7 @@ from vitcli.cli._options import (
     WeightsOpt,
     WorkersOpt,
 )
+from vitcli.cli._render import escape
 
 
 def predict(
@@ -121,7 +122,8 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
             if job.opened is not None:
                 sinks.append(job.opened.writer)
                 if len(job.done):
-                    err.print(f"{job.output}: {len(job.done)} sources already done, skipping them", highlight=False)
+                    err.print(f"{escape(job.output)}: {len(job.done)} sources already done, skipping them",
+                              highlight=False)
             sinks.append(progress)
 
         def load():
@@ -129,7 +131,7 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
 
             from vitcli.models.resolve import load_model
 
-            with err.status(f"loading {model}") if job.rank.main else contextlib.nullcontext():
+            with err.status(f"loading {escape(model)}") if job.rank.main else contextlib.nullcontext():
                 return load_model(model, weights)
 
         from vitcli.inference.job import write_records
@@ -142,7 +144,7 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
     except KeyboardInterrupt:
         if progress is not None:
             progress.stop()
-        where = f"; rerun the same command to resume from {job.output}" if job.output else ""
+        where = f"; rerun the same command to resume from {escape(job.output)}" if job.output else ""
         err.print(f"[bold red]Error:[/] interrupted after {job.tally.written} records{where}", highlight=False)
         raise typer.Exit(130) from None
     finally:

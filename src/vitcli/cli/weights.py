@@ -8,6 +8,7 @@ import typer
 
 from vitcli.cli._errors import handled_errors
 from vitcli.cli._options import JsonOpt
+from vitcli.cli._render import escape
 
 app = typer.Typer(help="The local model store (weights/, or $VITCLI_WEIGHTS): load models offline.",
                   rich_markup_mode="markdown",
@@ -31,9 +32,9 @@ def pull(
         from vitcli.models.resolve import pull_to_store
 
         for name in names:
-            with err.status(f"pulling {name}"):
+            with err.status(f"pulling {escape(name)}"):
                 folder = pull_to_store(name, refresh=refresh)
-            out.print(f"{name} -> {folder}", highlight=False)
+            out.print(f"{escape(name)} -> {escape(folder)}", highlight=False)
 
 
 @app.command("list")
@@ -55,11 +56,13 @@ def list_(json_out: JsonOpt = False) -> None:
             out.out(json.dumps(entries, indent=2), highlight=False)
             return
         if not entries:
-            err.print(f"the store {store_dir()}/ is empty; add one with `vitcli weights pull NAME`")
+            err.print(f"the store {escape(store_dir())}/ is empty; add one with `vitcli weights pull NAME`",
+                      highlight=False)
             return
-        table = Table(title=f"{store_dir()}/")
+        table = Table(title=f"{escape(store_dir())}/")
         for column in ("name", "architecture", "classes", "MB"):
             table.add_column(column)
         for e in entries:
-            table.add_row(e["name"], e["architecture"], str(e["num_classes"]), f"{e['bytes'] / 1e6:.1f}")
+            table.add_row(escape(e["name"]), escape(e["architecture"]), escape(e["num_classes"]),
+                          f"{e['bytes'] / 1e6:.1f}")
         out.print(table)

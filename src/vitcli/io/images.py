@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vitcli.errors import ImageLoadError
+from vitcli.errors import ImageLoadError, first_line
 
 URL_MAX_BYTES = 50 * 1024 * 1024
 URL_TIMEOUT_S = 15.0  # seconds for the whole download
@@ -63,7 +63,7 @@ def fetch_url(url: str, max_bytes: int = URL_MAX_BYTES, timeout: float = URL_TIM
     except ImageLoadError:
         raise
     except Exception as e:  # URLError, HTTPError, timeout, ...
-        raise ImageLoadError(url, f"could not download ({getattr(e, 'reason', e)}); "
+        raise ImageLoadError(url, f"could not download ({first_line(getattr(e, 'reason', e))}); "
                              "check the URL and your connection") from e
     if size > max_bytes:
         raise ImageLoadError(url, f"download is over the {max_bytes / 2**20:.0f} MiB limit")

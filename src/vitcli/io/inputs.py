@@ -44,7 +44,7 @@ def iter_path_list(list_file: str) -> Iterator[str]:
     A missing list file is reported here, at once, not when the first line is read.
     """
     if list_file == "-":
-        return _paths_in(sys.stdin)
+        return _paths_in(_stdin_lines())
     path = Path(list_file)
     if not path.exists() or path.is_dir():  # a named pipe is fine: it is read as the lines arrive
         raise UsageError(f"--files-from '{list_file}' does not exist; give a text file with one image path "
@@ -53,8 +53,19 @@ def iter_path_list(list_file: str) -> Iterator[str]:
 
 
 def _paths_in_file(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as lines:
+    with path.open(encoding="utf-8", errors="surrogateescape") as lines:
         yield from _paths_in(lines)
+
+
+def _stdin_lines() -> Iterable[str]:
+    """stdin as UTF-8 text in which bytes that are not UTF-8 stay themselves (surrogate escapes, as
+    ``os.fsdecode`` gives file names): a list of names in any encoding names the same files."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text-only stdin (tests, embedding): its own decoding
+        return sys.stdin
+    import io
+
+    return io.TextIOWrapper(buffer, encoding="utf-8", errors="surrogateescape")
 
 
 def _paths_in(lines: Iterable[str]) -> Iterator[str]:
@@ -89,14 +100,19 @@ def iter_inputs(inputs: Iterable[str]) -> Iterator[str | InputProblem]:
             yield raw
             continue
         path = Path(raw).expanduser()
-        if path.is_dir():
+        try:
+            kind = "dir" if path.is_dir() else "file" if path.exists() else None
+        except (OSError, ValueError) as e:  # a name too long, a NUL byte: one failed input, not the job
+            yield InputProblem(raw, f"not a usable path ({e.strerror if isinstance(e, OSError) else e})")
+            continue
+        if kind == "dir":
             found = False
             for source in _walk_images(str(path)):
                 found = True
                 yield source
             if not found:
                 yield InputProblem(raw, f"folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS)[:6])}, ...)")
-        elif path.exists():
+        elif kind == "file":
             yield str(path)
         elif glob.has_magic(raw):
             matches = sorted(p for p in glob.iglob(str(path), recursive=True)

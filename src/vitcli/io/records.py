@@ -22,6 +22,8 @@ from vitcli.inference.predict import Label, Prediction
 
 CSV_HEADER = ("source", "rank", "index", "label", "prob", "error")
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
+# file names that are not UTF-8 reach us as surrogate escapes (os.fsdecode): written back as the same bytes
+NAME_ERRORS = "surrogateescape"
 
 
 class RecordSink(Protocol):
@@ -94,7 +96,7 @@ class CsvFile:
     def write(self, record: Prediction) -> None:
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.stream = self.path.open("w", newline="", encoding="utf-8")
+            self.stream = self.path.open("w", newline="", encoding="utf-8", errors=NAME_ERRORS)
             self.writer = CsvWriter(self.stream)
         self.writer.write(record)
 
@@ -153,7 +155,7 @@ def recorded_sources(path: Path) -> Iterator[str]:
     CSV rows of one record repeat its source; they are given once.
     """
     fmt = output_format(path)
-    with Path(path).open(newline="" if fmt == "csv" else None, encoding="utf-8") as f:
+    with Path(path).open(newline="" if fmt == "csv" else None, encoding="utf-8", errors=NAME_ERRORS) as f:
         if fmt == "jsonl":
             for n, line in enumerate(f, 1):
                 if line.strip():
@@ -203,7 +205,8 @@ def open_output(path: str | Path, resume: bool = True) -> OpenOutput:
         done = DoneSources(recorded_sources(path))
     else:
         done = DoneSources()
-    stream = path.open("a" if existing else "w", newline="" if fmt == "csv" else None, encoding="utf-8")
+    stream = path.open("a" if existing else "w", newline="" if fmt == "csv" else None, encoding="utf-8",
+                       errors=NAME_ERRORS)
     header = fmt == "csv" and stream.tell() == 0
     return OpenOutput(path, stream, writer_for(path, stream, header), done)
 
