@@ -76,3 +76,49 @@ def test_keyed_batches_come_back_with_their_keys_in_order_from_dataloader_proces
 
     assert [keys for keys, _ in loader] == [sources[0:3], sources[3:6], sources[6:]]
     assert loader == inline
+
+
+def fake_machine(monkeypatch, tmp_path, cpu_count: int, affinity: int, cpu_max: str | None,
+                 local_world: int | None) -> None:
+    """A machine of ``cpu_count`` CPUs on which this process may use ``affinity`` of them, under a cgroup
+    v2 ``cpu.max`` (None: no file), started by torchrun with ``local_world`` ranks on this node."""
+    import os
+
+    from vitcli import cpuinfo
+
+    root = tmp_path / "cgroup"
+    root.mkdir(exist_ok=True)
+    if cpu_max is not None:
+        (root / "cpu.max").write_text(cpu_max + "\n")
+    monkeypatch.setattr(os, "cpu_count", lambda: cpu_count)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    monkeypatch.setattr(cpuinfo, "CGROUP_ROOT", root)
+    if local_world is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+
+
+def test_default_workers_share_the_usable_cpus_among_the_ranks_on_this_machine(monkeypatch, tmp_path):
+    from vitcli.inference.batching import default_workers
+
+    # 64 CPUs in the machine, 8 in this job's affinity set, 4 ranks of torchrun on this node: 2 each
+    fake_machine(monkeypatch, tmp_path, cpu_count=64, affinity=8, cpu_max=None, local_world=4)
+    assert default_workers() == 2
+
+    # taskset -c 0: one CPU, whatever the machine has
+    fake_machine(monkeypatch, tmp_path, cpu_count=64, affinity=1, cpu_max=None, local_world=None)
+    assert default_workers() == 1
+
+
+def test_a_cgroup_cpu_quota_caps_the_workers(monkeypatch, tmp_path):
+    from vitcli import cpuinfo
+    from vitcli.inference.batching import default_workers
+
+    # docker --cpus 1.5 on a 64-CPU machine: 2 CPUs' worth (rounded up), all of the affinity set allowed
+    fake_machine(monkeypatch, tmp_path, cpu_count=64, affinity=64, cpu_max="150000 100000", local_world=None)
+    assert cpuinfo.cgroup_cpu_quota() == 1.5 and cpuinfo.usable_cpus() == 2
+    assert default_workers() == 2
+
+    fake_machine(monkeypatch, tmp_path, cpu_count=64, affinity=3, cpu_max="max 100000", local_world=None)
+    assert cpuinfo.cgroup_cpu_quota() is None and default_workers() == 3

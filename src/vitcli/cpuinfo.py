@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import os
 from pathlib import Path
 
 # what each reported feature means for inference, and the /proc/cpuinfo flags that give it
@@ -72,3 +74,44 @@ def fast_bf16(engine: str = "torch") -> bool:
         raise ValueError(f"unknown engine '{engine}'; use {' or '.join(FAST_BF16_FLAGS)}") from None
     flags = cpu_flags()
     return any(f in flags for f in wanted)
+
+
+# ------------------------------------------------------------------------------ usable CPUs
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")  # cgroup v2; tests point it at a folder of their own
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity set (taskset, Slurm, docker --cpuset-cpus), capped
+    by a cgroup v2 CPU quota (docker --cpus, Kubernetes limits), rounded up; at least 1.
+
+    ``os.cpu_count()`` counts every CPU of the machine, which overcommits a container or a job step.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(cpus, 1)
+
+
+def cgroup_cpu_quota() -> float | None:
+    """CPUs' worth of time a cgroup v2 ``cpu.max`` allows this process's cgroup and its parents (the
+    smallest), or None without a quota. ``cpu.max`` holds ``QUOTA PERIOD`` in microseconds, or ``max``."""
+    group = "/"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):  # the v2 hierarchy
+                group = line[3:].strip() or "/"
+    quotas = []
+    folder = CGROUP_ROOT / group.lstrip("/")
+    for path in (folder, *folder.parents):
+        with contextlib.suppress(OSError, ValueError):
+            quota, _, period = (path / "cpu.max").read_text().strip().partition(" ")
+            if quota != "max":
+                quotas.append(int(quota) / int(period or 100000))
+        if path == CGROUP_ROOT:
+            break
+    return min(quotas) if quotas else None

@@ -68,7 +68,7 @@ def make_loaders(config: FinetuneConfig, data: FolderData, data_config: dict[str
         counts = data.counts("train")
         weights = torch.tensor([1.0 / counts[t] for _, t in data.train], dtype=torch.float64)
     sampler = EpochSampler(len(data.train), shuffle=True, weights=weights, seed=config.seed, dist=dist)
-    workers = config.workers if config.workers is not None else default_workers(dist.world)
+    workers = config.workers if config.workers is not None else default_workers()
     # full batches only (BatchNorm needs more than one sample), unless the data is smaller than a batch
     drop_last = sampler.share() >= config.batch_size
     # forked workers inherit the stop-on-signal handler, so Ctrl-C doesn't kill them mid-epoch

@@ -62,10 +62,15 @@ def collate_images(items: list[tuple[torch.Tensor | None, str | None]]) -> tuple
     return (torch.stack(good) if good else None), [err for _, err in items]
 
 
-def default_workers(processes: int = 1) -> int:
-    """DataLoader worker processes feeding an accelerator: the CPU cores shared by ``processes``
-    (torchrun ranks on this machine), at most 4 each."""
-    return min(4, max((os.cpu_count() or 1) // processes, 1))
+def default_workers(processes: int | None = None) -> int:
+    """DataLoader worker processes feeding an accelerator: the CPUs this process may use
+    (``cpuinfo.usable_cpus``: affinity set and cgroup quota) shared by ``processes``, the ranks on
+    this machine (default: torchrun's LOCAL_WORLD_SIZE, else 1), at most 4 each."""
+    from vitcli.cpuinfo import usable_cpus
+
+    if processes is None:
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return min(4, max(usable_cpus() // max(processes, 1), 1))
 
 
 def decoded_batches(dataset: torch.utils.data.Dataset, batch_size: int, collate: Callable[[list], Any],

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vitcli.cpuinfo import usable_cpus
 from vitcli.errors import ImageLoadError, MissingExtraError, ModelLoadError, UsageError
 from vitcli.io.images import load_image
 
@@ -169,7 +169,7 @@ def session_options(threads: int | None = None, spin: bool = True) -> Any:
     """Session options; ``spin=False`` stops idle threads busy-waiting (for benchmarks that take turns)."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.intra_op_num_threads = threads or usable_cpus()
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
