@@ -76,3 +76,23 @@ def test_cli_benchmark_json_and_closing_line(tiny_model_dir):
 def test_cli_benchmark_bad_batch_sizes_exit_2(tiny_model_dir):
     result = runner.invoke(app, ["benchmark", "-m", str(tiny_model_dir), "-b", "1,x"])
     assert result.exit_code == 2 and "--batch-sizes '1,x'" in result.stderr
+
+
+def test_cli_benchmark_on_a_cuda_machine_with_the_cpu_only_onnxruntime_skips_that_row(tiny_model_dir, monkeypatch):
+    import onnxruntime
+    import torch
+
+    import vitcli.benchmark
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine ...
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])  # ... plain ort
+    monkeypatch.setattr(vitcli.benchmark, "matmul_rate", lambda *args, **kwargs: 1.0)  # no GPU to time here
+
+    result = runner.invoke(app, ["benchmark", "-m", str(tiny_model_dir), "-b", "1", "-r", "3", "--warmup", "0",
+                                 "--backends", "torch-fp32,onnxruntime-cuda", "--json"])
+
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert [row["backend"] for row in doc["rows"]] == ["torch-fp32"]
+    assert "no CUDA provider" in doc["skipped"]["onnxruntime-cuda"]
+    assert "install onnxruntime-gpu" in doc["skipped"]["onnxruntime-cuda"]

@@ -59,3 +59,23 @@ def test_fp16_training_gets_timms_grad_scaler():
     fp16 = build_parts(FinetuneConfig(), model, [1, 1], 2, cpu, "fp16", Dist())  # the scaler, built on any device
     assert isinstance(fp16.scaler, NativeScaler)
     assert build_parts(FinetuneConfig(), model, [1, 1], 2, cpu, "bf16", Dist()).scaler is None
+
+
+def test_cuda_n_is_accepted_by_the_cli_and_a_gpu_the_machine_lacks_is_a_usage_error(tiny_model_dir, tmp_path,
+                                                                                    monkeypatch):
+    import torch
+    from typer.testing import CliRunner
+
+    from conftest import make_image
+    from vitcli.cli.app import app
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    image = make_image(tmp_path / "a.png")
+
+    result = CliRunner().invoke(app, ["predict", str(image), "--model", str(tiny_model_dir), "--device", "cuda:2"])
+    assert result.exit_code == 2
+    assert "--device cuda:2: this machine has 2 CUDA device(s), cuda:0 to cuda:1" in result.stderr
+
+    result = CliRunner().invoke(app, ["predict", str(image), "--device", "gpu0"])
+    assert result.exit_code == 2 and "gpu0" in result.stderr

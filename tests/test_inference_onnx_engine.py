@@ -143,3 +143,33 @@ def test_options_that_mean_nothing_for_an_onnx_file_are_usage_errors(tiny_onnx, 
 
     assert result.exit_code == 2
     assert f"{flag} do(es) not apply to an .onnx model" in result.stderr
+
+
+def test_device_cuda_without_a_cuda_provider_is_a_usage_error_not_a_model_load_error(tiny_onnx, images,
+                                                                                      monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    for device in ("cuda", "cuda:1"):
+        result = runner.invoke(app, ["predict", str(tiny_onnx), str(images[0]), "--device", device])
+
+        assert result.exit_code == 2, result.stderr
+        assert f"--device {device} was asked for but this ONNX Runtime has no CUDA provider" in result.stderr
+        assert "install onnxruntime-gpu" in result.stderr and "not a loadable ONNX model" not in result.stderr
+
+
+def test_cuda_n_picks_that_gpu_and_auto_takes_cuda_only_where_the_runtime_has_it(monkeypatch):
+    import onnxruntime
+
+    from vitcli.errors import UsageError
+    from vitcli.inference.onnx_engine import providers
+
+    gpu_build = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: gpu_build)
+    assert providers("cuda:1") == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(UsageError, match="does not apply to an .onnx model"):
+        providers("mps")
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert providers("auto") == ["CPUExecutionProvider"]

@@ -150,6 +150,7 @@ def build_backends(loaded: Any, names: Sequence[str], workdir: Path, say: Callab
                    ) -> tuple[dict[str, tuple[str, Callable]], dict[str, str]]:
     """name -> (matmul dtype, run) for each backend this machine can run; name -> reason for the rest."""
     from vitcli.cpuinfo import cpu_features as features
+    from vitcli.inference.onnx_engine import onnx_has_cuda
 
     model = _fused(loaded.model.float().eval())
     runners: dict[str, tuple[str, Callable]] = {}
@@ -170,6 +171,10 @@ def build_backends(loaded: Any, names: Sequence[str], workdir: Path, say: Callab
         elif name in ("onnxruntime-fp32", "onnxruntime-int8", "onnxruntime-cuda"):
             if name == "onnxruntime-cuda" and not cuda:
                 skipped[name] = "no CUDA device"
+                continue
+            if name == "onnxruntime-cuda" and not onnx_has_cuda():
+                skipped[name] = ("this ONNX Runtime has no CUDA provider (the CPU-only onnxruntime package); "
+                                 "install onnxruntime-gpu for this row")
                 continue
             path = _onnx_file(loaded, workdir, int8=name.endswith("int8"), say=say)
             from vitcli.inference.onnx_engine import load_onnx

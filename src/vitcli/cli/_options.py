@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -36,8 +37,18 @@ WeightsOpt = Annotated[Path | None, typer.Option(
     help="Weights file for the --model architecture: .safetensors, .pth/.pt/.bin state dict "
          "(loaded with weights_only=True) or the original ViT JAX .npz.",
 )]
-DeviceOpt = Annotated[Device, typer.Option(
-    "--device", help="Where to run: auto picks cuda, then mps, then cpu.",
+DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _device_name(value: str) -> str:
+    if not DEVICE_NAME.fullmatch(value):
+        raise typer.BadParameter(f"'{value}': use auto, cpu, cuda, cuda:N (GPU N) or mps")
+    return value
+
+
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", callback=_device_name, metavar="auto|cpu|cuda|cuda:N|mps",
+    help="Where to run: auto picks cuda, then mps, then cpu; cuda:N picks GPU N.",
 )]
 PrecisionOpt = Annotated[Precision, typer.Option(
     "--precision", help="fp32, or bf16/fp16 autocast (bf16 on CPUs with AVX512-BF16/AMX; fp16 on GPUs).",

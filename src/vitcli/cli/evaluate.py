@@ -12,7 +12,6 @@ from vitcli.cli._errors import handled_errors
 from vitcli.cli._options import (
     DEFAULT_MODEL,
     BatchSizeOpt,
-    Device,
     DeviceOpt,
     Precision,
     PrecisionOpt,
@@ -45,7 +44,7 @@ def evaluate(
         metavar="FILE")] = None,
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
-    device: DeviceOpt = Device.auto,
+    device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
     strict: Annotated[bool, typer.Option(
         "--strict", help="Stop before evaluating if any image is unreadable (default: skip it).")] = False,
@@ -70,11 +69,11 @@ def evaluate(
     with handled_errors():
         from vitcli.inference.shards import torchrun_rank
 
-        rank, group, device_name = torchrun_rank(), None, device.value
+        rank, group, device_name = torchrun_rank(), None, device
         if rank.enabled:
             from vitcli.inference.shards import init_process_group
 
-            rank, device_name, group = init_process_group(device.value)
+            rank, device_name, group = init_process_group(device)
         try:
             _evaluate(data, model, weights, split, json_out, confusion_png, batch_size, workers, device_name,
                       precision.value, strict, rank, group)

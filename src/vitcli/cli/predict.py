@@ -12,7 +12,6 @@ from vitcli.cli._errors import handled_errors
 from vitcli.cli._options import (
     DEFAULT_MODEL,
     BatchSizeOpt,
-    Device,
     DeviceOpt,
     JsonOpt,
     ModelOpt,
@@ -48,7 +47,7 @@ def predict(
         metavar="I/N")] = None,
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
-    device: DeviceOpt = Device.auto,
+    device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.fp32,
     tta: Annotated[bool, typer.Option("--tta", help="Average with the horizontally flipped image.")] = False,
     exact_decode: Annotated[bool, typer.Option(
@@ -81,7 +80,7 @@ def predict(
             model, raw = raw[0], raw[1:]
         job = PredictJob(raw, files_from, output, shard=Shard.parse(shard) if shard else None,
                          rank=torchrun_rank())
-        options = PredictOptions(top_k=top_k, batch_size=batch_size, workers=workers, device=device.value,
+        options = PredictOptions(top_k=top_k, batch_size=batch_size, workers=workers, device=device,
                                  precision=precision.value, tta=tta, fast_decode=not exact_decode)
         _run(job, options, model, weights, json_out, csv_out)
         if not job.tally.ok:

@@ -176,17 +176,27 @@ def session_options(threads: int | None = None, spin: bool = True) -> Any:
     return options
 
 
+def onnx_has_cuda() -> bool:
+    """Whether this ONNX Runtime has the CUDA provider (onnxruntime-gpu; the plain package has not)."""
+    return "CUDAExecutionProvider" in import_onnxruntime().get_available_providers()
+
+
 def providers(device: str = "auto") -> list[Any]:
-    """CUDA first when the runtime has it and the device allows it (``cuda:N``: that GPU), the CPU always."""
-    available = import_onnxruntime().get_available_providers()
+    """CUDA first when the runtime has it and the device allows it (``cuda:N``: GPU N), the CPU always.
+
+    ``--device cuda`` (or ``cuda:N``) on a runtime without the CUDA provider is a usage error, not a
+    silent fall-back to the CPU.
+    """
     kind, _, index = device.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise UsageError(f"--device '{device}' does not apply to an .onnx model; use auto, cpu, cuda or cuda:N")
     chosen: list[Any] = []
-    if kind in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+    if kind in ("auto", "cuda") and onnx_has_cuda():
         cuda = "CUDAExecutionProvider"
-        chosen = [(cuda, {"device_id": int(index)})] if index.isdigit() else [cuda]
+        chosen = [(cuda, {"device_id": int(index)})] if index else [cuda]
     if kind == "cuda" and not chosen:
-        raise UsageError("--device cuda was asked for but this ONNX Runtime has no CUDA provider; "
-                         "install onnxruntime-gpu or use --device cpu")
+        raise UsageError(f"--device {device} was asked for but this ONNX Runtime has no CUDA provider; "
+                         "install onnxruntime-gpu (in place of onnxruntime) or use --device cpu")
     return [*chosen, "CPUExecutionProvider"]
 
 
@@ -196,8 +206,9 @@ def load_onnx(path: str | Path, device: str = "auto", threads: int | None = None
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"ONNX file '{path}' does not exist")
+    chosen = providers(device)  # a device this runtime cannot use is a usage error, raised as it is
     try:
-        session = ort.InferenceSession(str(path), session_options(threads, spin), providers=providers(device))
+        session = ort.InferenceSession(str(path), session_options(threads, spin), providers=chosen)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise ModelLoadError(f"'{path}' is not a loadable ONNX model ({str(e).strip().splitlines()[0]})") from e
     meta = read_metadata(session)
