@@ -497,17 +497,17 @@ def fake_hub(monkeypatch):
     import timm
     import torch
 
-    import vitcli.models.resolve
+    import vitcli.models.store
 
     calls = []
 
-    def download(name, pretrained, kwargs, implicit=False):
+    def download(name, pretrained, kwargs, *, store, implicit=False):
         calls.append(name)
         torch.manual_seed(len(calls))
         return timm.create_model("test_vit", pretrained=False)
 
-    monkeypatch.setattr(vitcli.models.resolve, "_create_from_hub", download)
-    monkeypatch.setattr(vitcli.models.resolve, "check_arch", lambda name: name.partition(".")[0])
+    monkeypatch.setattr(vitcli.models.store, "create_from_hub", download)
+    monkeypatch.setattr(vitcli.models.store, "check_arch", lambda name: name.partition(".")[0])
     return calls
 
 

@@ -52,7 +52,8 @@ def test_the_default_model_loads_offline_from_another_working_directory(tmp_path
 
 
 def test_a_store_entry_of_the_same_name_wins(tiny_model_dir):
-    from vitcli.models.resolve import load_model, store_dir
+    from vitcli.models.resolve import load_model
+    from vitcli.models.store import store_dir
 
     shutil.copytree(tiny_model_dir, store_dir() / DEFAULT_MODEL)
 

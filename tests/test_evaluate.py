@@ -384,7 +384,7 @@ def test_top5_of_a_model_with_more_than_5_classes_counts_true_classes_in_the_top
 def test_cli_leaves_out_the_top5_column_for_two_classes(tiny_model_dir, tmp_path):
     import timm
 
-    from vitcli.models.resolve import save_model_folder
+    from vitcli.models.folders import save_model_folder
 
     two = save_model_folder(timm.create_model("test_vit", pretrained=False, num_classes=2).eval(),
                             tmp_path / "two", ["cat", "dog"])

@@ -195,7 +195,7 @@ def test_img_size_resamples_pos_embed_and_predicts_at_the_new_size(tmp_path, dat
     from typer.testing import CliRunner
 
     from vitcli.cli.app import app
-    from vitcli.models.resolve import save_model_folder
+    from vitcli.models.folders import save_model_folder
 
     torch.manual_seed(0)
     pretrained = timm.create_model("test_vit", img_size=224, num_classes=3)  # "224-pretrained"
@@ -228,7 +228,7 @@ def test_cnns_fine_tune_too_at_another_size(tmp_path, data, arch):
     """BatchNorm CNNs take no img_size argument: they are built as they are and fed 96x96 images."""
     import timm
 
-    from vitcli.models.resolve import save_model_folder
+    from vitcli.models.folders import save_model_folder
 
     folder = save_model_folder(timm.create_model(arch, num_classes=3), tmp_path / arch, ["a", "b", "c"])
     result = fit(config(tmp_path, data, folder, img_size=96, max_steps=2))
@@ -287,7 +287,7 @@ def test_distilled_deit_trains_both_heads(tmp_path, data):
 
     from vitcli.finetune.loop import build_parts, classifier_heads
     from vitcli.finetune.model import build_model
-    from vitcli.models.resolve import save_model_folder
+    from vitcli.models.folders import save_model_folder
 
     torch.manual_seed(0)
     distilled = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=SMALL,

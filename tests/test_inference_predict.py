@@ -223,7 +223,7 @@ def test_fast_decode_runs_on_large_photos_and_stays_close_to_exact(tiny, tmp_pat
 def test_any_timm_classifier_predicts(tmp_path, images, name):
     import timm
 
-    from vitcli.models.resolve import save_model_folder
+    from vitcli.models.folders import save_model_folder
 
     torch.manual_seed(0)
     folder = save_model_folder(timm.create_model(name, num_classes=3), tmp_path / name, ["a", "b", "c"])

@@ -22,7 +22,11 @@ from vitcli.errors import (
     UsageError,
     WeightsMismatchError,
 )
-from vitcli.models.resolve import check_arch, hub_reachable, list_store, load_model, save_model_folder, store_dir
+from vitcli.models.folders import save_model_folder
+from vitcli.models.hub import hub_reachable
+from vitcli.models.names import check_arch
+from vitcli.models.resolve import load_model
+from vitcli.models.store import list_store, store_dir
 from vitcli.models.weightfiles import load_weights, read_state_dict
 
 
@@ -603,7 +607,7 @@ def test_model_folders_are_readable_by_the_team_and_survive_an_interrupted_swap(
 
     import timm
 
-    from vitcli.models.resolve import save_model_folder
+    from vitcli.models.folders import save_model_folder
 
     model = timm.create_model("test_vit", num_classes=2)
     old_mask = os.umask(0o022)

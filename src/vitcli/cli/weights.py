@@ -29,7 +29,7 @@ def pull(
     """
     with handled_errors():
         from vitcli.console import err, out
-        from vitcli.models.resolve import pull_to_store
+        from vitcli.models.store import pull_to_store
 
         for name in names:
             with err.status(f"pulling {escape(name)}"):
@@ -49,7 +49,7 @@ def list_(json_out: JsonOpt = False) -> None:
         from rich.table import Table
 
         from vitcli.console import err, out
-        from vitcli.models.resolve import list_store, store_dir
+        from vitcli.models.store import list_store, store_dir
 
         entries = list_store()
         if json_out:

@@ -140,7 +140,8 @@ def load_token_model(options: PatchesOptions) -> LoadedModel:
     """``load_model`` with explicit attention weights; a CNN is refused before any weights are fetched."""
     import timm
 
-    from vitcli.models.resolve import load_model, split_name
+    from vitcli.models.names import split_name
+    from vitcli.models.resolve import load_model
 
     arch = split_name(options.model)[0]
     if timm.is_model(arch):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vitcli import __version__
-from vitcli.models.resolve import save_model_folder
+from vitcli.models.folders import save_model_folder
 
 if TYPE_CHECKING:
     from vitcli.export.job import ExportOptions

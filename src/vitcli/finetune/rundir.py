@@ -163,7 +163,7 @@ def write_args(run_dir: Path, config: FinetuneConfig, loaded: LoadedModel, data_
 
 def save_model(folder: Path, model: nn.Module, classes: list[str], data_config: dict[str, Any]) -> None:
     """``model`` as a timm model folder (best/ or last/), replaced so that one exists at every instant."""
-    from vitcli.models.resolve import save_model_folder
+    from vitcli.models.folders import save_model_folder
 
     save_model_folder(model, folder, classes, data_config)
 
