@@ -178,6 +178,20 @@ def test_bf16_on_cpu_gives_valid_probabilities(tiny, images):
         assert float((probs_by_index(a, 3) - pb).abs().max()) < 0.1  # bf16 has ~3 significant digits
 
 
+@pytest.mark.parametrize("cpu, runs", [("amx-xeon", "bf16"), ("zen4", "fp32"), ("avx2", "fp32")])
+def test_auto_precision_runs_bf16_only_where_torch_gains_from_it(tiny, images, monkeypatch, tmp_path, cpu, runs):
+    from _cpus import forget_cpu, use_cpu
+
+    fp32, bf16 = run(tiny, images, top_k=3, precision="fp32"), run(tiny, images, top_k=3, precision="bf16")
+    assert fp32 != bf16  # the two are told apart by their probabilities
+    use_cpu(monkeypatch, tmp_path, cpu)
+    try:
+        auto = run(tiny, images, top_k=3, device="cpu")  # the default precision is auto
+    finally:
+        forget_cpu()
+    assert auto == {"fp32": fp32, "bf16": bf16}[runs]
+
+
 def test_fast_decode_leaves_images_smaller_than_the_resize_alone(tiny, images):
     # the draft never decodes below the resize target, and these 64x48 images are smaller than it
     assert run(tiny, images, top_k=3) == run(tiny, images, top_k=3, fast_decode=False)
@@ -285,7 +299,8 @@ def max_prob_difference(results: list[Prediction], reference: dict[str, torch.Te
 
 @pytest.mark.slow
 def test_exact_decode_matches_plain_timm_to_1e_5(deit, reference_probs):
-    results = list(predict(deit, [str(p) for p in labelled_images()], PredictOptions(top_k=1000, fast_decode=False)))
+    results = list(predict(deit, [str(p) for p in labelled_images()], PredictOptions(top_k=1000, precision="fp32",
+                                                                                    fast_decode=False)))
 
     worst = max_prob_difference(results, reference_probs)
     print(f"exact decode: max abs prob difference vs plain timm = {worst:.3g}")
@@ -294,7 +309,7 @@ def test_exact_decode_matches_plain_timm_to_1e_5(deit, reference_probs):
 
 @pytest.mark.slow
 def test_fast_decode_keeps_every_top_1(deit, reference_probs):
-    results = list(predict(deit, [str(p) for p in labelled_images()], PredictOptions(top_k=1000)))
+    results = list(predict(deit, [str(p) for p in labelled_images()], PredictOptions(top_k=1000, precision="fp32")))
 
     for r in results:
         assert r.top[0].index == int(reference_probs[r.source].argmax()), r.source

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vitcli.devices import autocast, resolve_device
+from vitcli.devices import autocast, resolve_device, resolve_precision
 from vitcli.errors import DatasetError, ImageLoadError, UsageError
 from vitcli.inference.shards import Rank
 from vitcli.io.datasets import LabeledImages, Sample, find_eval_dir, map_classes, scan_class_folders
@@ -151,7 +151,7 @@ def evaluate_model(
     batch_size: int = 32,
     workers: int | None = None,
     device: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     strict: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
     rank: Rank | None = None,
@@ -165,7 +165,8 @@ def evaluate_model(
             DATA/val|validation|valid, else DATA itself; see ``datasets.find_eval_dir``).
         split: a sub-folder of ``data_dir`` to evaluate instead of the automatic choice.
         workers: CPU streams or GPU DataLoader processes, as for ``vitcli predict``.
-        device, precision: as for ``vitcli predict`` (``auto``/``cpu``/``cuda``; ``fp32``/``bf16``/``fp16``).
+        device, precision: as for ``vitcli predict`` (``auto``/``cpu``/``cuda``; ``auto``/``fp32``/``bf16``/...:
+            ``vitcli.devices.resolve_precision``).
         strict: an unreadable image is fatal (checked before evaluating) instead of skipped.
         on_batch: called with (images done, total) after each batch, for progress bars.
         rank, group: under torchrun, this process's rank and a gloo process group: each rank scores
@@ -179,7 +180,7 @@ def evaluate_model(
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     torch_device = resolve_device(device)
-    autocast(torch_device, precision)  # validates the precision for the device
+    precision = resolve_precision(precision, torch_device)  # auto -> what runs; checked for the device
     folder, samples = eval_samples(data_dir, loaded.labels, split)
     if strict:
         samples, _ = drop_unreadable(samples, strict=True)

@@ -20,7 +20,9 @@ class Device(str, Enum):
 
 
 class Precision(str, Enum):
+    auto = "auto"
     fp32 = "fp32"
+    tf32 = "tf32"
     bf16 = "bf16"
     fp16 = "fp16"
 
@@ -51,7 +53,8 @@ DeviceOpt = Annotated[str, typer.Option(
     help="Where to run: auto picks cuda, then mps, then cpu; cuda:N picks GPU N.",
 )]
 PrecisionOpt = Annotated[Precision, typer.Option(
-    "--precision", help="fp32, or bf16/fp16 autocast (bf16 on CPUs with AVX512-BF16/AMX; fp16 on GPUs).",
+    "--precision", help="auto: bf16 autocast on GPUs with native bf16 and on CPUs where it is faster (AMX), "
+                        "fp32 with TF32 matmuls on other GPUs, else fp32. fp32 is exact; tf32 and fp16 need a GPU.",
 )]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 WorkersOpt = Annotated[int | None, typer.Option(

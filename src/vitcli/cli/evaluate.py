@@ -45,7 +45,7 @@ def evaluate(
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = Precision.fp32,
+    precision: PrecisionOpt = Precision.auto,
     strict: Annotated[bool, typer.Option(
         "--strict", help="Stop before evaluating if any image is unreadable (default: skip it).")] = False,
 ) -> None:

@@ -48,7 +48,7 @@ def predict(
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = Precision.fp32,
+    precision: PrecisionOpt = Precision.auto,
     tta: Annotated[bool, typer.Option("--tta", help="Average with the horizontally flipped image.")] = False,
     exact_decode: Annotated[bool, typer.Option(
         "--exact-decode", help="Decode JPEGs at full size (slower; by default libjpeg downscales large "
@@ -171,7 +171,7 @@ def _check_onnx_options(options, weights: Path | None) -> None:
     """Options that mean nothing for an exported file are refused rather than ignored."""
     from vitcli.errors import UsageError
 
-    given = [name for name, on in (("--weights", weights is not None), ("--precision", options.precision != "fp32"),
+    given = [name for name, on in (("--weights", weights is not None), ("--precision", options.precision != "auto"),
                                    ("--workers", options.workers is not None),
                                    ("--exact-decode", not options.fast_decode)) if on]
     if given:

@@ -76,7 +76,7 @@ class FinetuneConfig:
     ema_decay: float = 0.998  # approached with a warmup (ModelEmaV3 use_warmup: ~0.87 at step 20, 0.99 at 1000)
 
     # run
-    precision: str = "auto"  # auto (bf16 where the hardware has it natively, fp16 on other GPUs), fp32, bf16, fp16
+    precision: str = "auto"  # auto (bf16 on native-bf16 GPUs and AMX CPUs, fp16 on other GPUs), fp32, bf16, fp16
     device: str = "auto"
     workers: int | None = None  # DataLoader processes per training process (None: CPU cores, at most 4)
     seed: int = 0

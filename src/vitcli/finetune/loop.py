@@ -296,7 +296,7 @@ def fit(config: FinetuneConfig, callback: Callback | None = None) -> RunResult:
 
 def _fit(config: FinetuneConfig, callback: Callback | None, dist: Dist, device: torch.device) -> RunResult:
     emit = callback or (lambda event, info: None)
-    precision = resolve_precision(config.precision, device)
+    precision = resolve_precision(config.precision, device, training=True)
     resuming = config.resume is not None
 
     # 1. data: the split is decided once, saved, and reused by --resume

@@ -57,7 +57,7 @@ class PredictOptions:
     batch_size: int = 32
     workers: int | None = None  # CPU: streams (None: torch's threads); GPU: DataLoader processes (None: cores, max 4)
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"  # vitcli.devices.resolve_precision: bf16 where native and faster, else fp32 (tf32 on CUDA)
     tta: bool = False  # average the softmax of the image and its horizontal flip
     # False: timm's exact Pillow transform. True: JPEG DCT-domain downscaling (never below the resize
     # target), torchvision JPEG decoding and uint8 resizing in torch (see vitcli.io.transforms.eval_pipeline)
@@ -77,7 +77,7 @@ def predict(loaded: LoadedModel, sources: Iterable[str], options: PredictOptions
     """
     import torch
 
-    from vitcli.devices import autocast, resolve_device
+    from vitcli.devices import autocast, resolve_device, resolve_precision
     from vitcli.inference.batching import SourceImages, collate_images, scored_key_batches
     from vitcli.io.transforms import draft_size_for, eval_pipeline
 
@@ -86,7 +86,7 @@ def predict(loaded: LoadedModel, sources: Iterable[str], options: PredictOptions
     if options.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     device = resolve_device(options.device)
-    autocast(device, options.precision)  # validates the precision for the device
+    precision = resolve_precision(options.precision, device)  # auto -> what runs; checked for the device
     model = loaded.model.to(device).eval()
     top_k = min(options.top_k, loaded.num_classes)
     draft = draft_size_for(loaded.data_config) if options.fast_decode else None
@@ -100,7 +100,7 @@ def predict(loaded: LoadedModel, sources: Iterable[str], options: PredictOptions
             return [], [], errors
         with torch.inference_mode():  # per thread, like autocast: a fresh context for every batch
             x = pipeline.to_batch(pixels.to(device, non_blocking=True))  # uint8 travels, then normalize
-            probs = forward_probs(model, x, autocast(device, options.precision), options.tta)
+            probs = forward_probs(model, x, autocast(device, precision), options.tta)
             values, indices = probs.topk(top_k, dim=1)
         return indices.cpu().tolist(), values.float().cpu().tolist(), errors
 
