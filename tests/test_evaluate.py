@@ -331,6 +331,33 @@ def test_cli_default_model_is_the_shipped_imagenet_deit_tiny(tmp_path):
     assert doc["confusion_matrix"]["labels"] == ["German shepherd", "Samoyed"]
 
 
+def test_cli_ambiguous_imagenet_folder_names_the_indices_and_an_index_picks_one(tmp_path):
+    import shutil
+
+    from conftest import REPO
+
+    photo = REPO / "examples" / "samoyed.jpg"
+    (tmp_path / "crane").mkdir()
+    shutil.copy(photo, tmp_path / "crane" / "a.jpg")
+
+    result = invoke(str(tmp_path), "--json", "-j", "0")  # ImageNet holds "crane" at 134 (bird) and 517
+
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "Error: folder 'crane' names a label the model holds 2 times, at indices 134, 517; "
+        "rename the folder crane_134 (or 134) to pick one"]
+
+    (tmp_path / "crane").rename(tmp_path / "crane_517")
+    (tmp_path / "258").mkdir()  # 258 is Samoyed
+    shutil.copy(photo, tmp_path / "258" / "b.jpg")
+    picked = invoke(str(tmp_path), "--json", "-j", "0")
+    assert picked.exit_code == 0, picked.output
+    doc = json.loads(picked.stdout)
+    assert doc["n_images"] == 2
+    assert {c["label"]: c["support"] for c in doc["per_class"]} == {"Samoyed": 1, "crane": 1}
+
+
 def test_cli_missing_folder_is_exit_1(tiny_model_dir, tmp_path):
     result = invoke(str(tmp_path / "nowhere"), "-m", str(tiny_model_dir))
     assert result.exit_code == 1

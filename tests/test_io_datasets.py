@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_image
-from vitcli.errors import DatasetError
+from vitcli.errors import DatasetError, UsageError
 from vitcli.io.datasets import (
     FolderData,
     discover,
@@ -131,3 +131,15 @@ def test_map_classes_is_by_name_and_lists_the_model_labels_for_an_unknown_one():
     assert map_classes(["dog", "cat"], ["cat", "dog", "bird"]) == {"dog": 1, "cat": 0}
     with pytest.raises(DatasetError, match="unknown to the model: zebra; the model's labels are cat, dog"):
         map_classes(["zebra"], ["cat", "dog"])
+
+
+def test_map_classes_refuses_a_label_held_twice_and_lets_a_folder_pick_one_by_index():
+    labels = ["cat", "crane", "dog", "crane"]  # like ImageNet: "crane" the bird (1), the machine (3)
+    with pytest.raises(UsageError, match=r"folder 'crane' names a label the model holds 2 times, at indices "
+                                         r"1, 3; rename the folder crane_1 \(or 1\) to pick one"):
+        map_classes(["cat", "crane"], labels)
+    assert map_classes(["crane_1", "crane_3", "cat"], labels) == {"crane_1": 1, "crane_3": 3, "cat": 0}
+    assert map_classes(["3", "0"], labels) == {"3": 3, "0": 0}
+    with pytest.raises(DatasetError, match="unknown to the model: dog_3, crane_9, 4"):
+        map_classes(["dog_3", "crane_9", "4"], labels)  # the label at 3 is not dog; 9 and 4 are out of range
+    assert map_classes(["7"], ["7", "x"]) == {"7": 0}  # a label spelt as a number is matched by name first

@@ -54,7 +54,9 @@ def evaluate(
     Example: vitcli evaluate ./data --model runs/finetune/exp/best --confusion-png confusion.png
 
     Class folders are matched to the model's labels by name, never by order; a class the model does
-    not know is an error. Top-5 is shown for models of more than 5 classes (null in --json otherwise).
+    not know is an error. A label the model holds twice (ImageNet's crane: bird 134, machine 517) is
+    picked by index: name the folder crane_134 (or 134). Top-5 is shown for models of more than 5
+    classes (null in --json otherwise).
 
     --json prints one JSON document: {"top1", "top5", "loss", "n_images", "folder", "per_class":
     [{"label", "precision", "recall", "f1", "support"}], "confusion_matrix": {"labels", "matrix"},

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vitcli.errors import DatasetError, ImageLoadError
+from vitcli.errors import DatasetError, ImageLoadError, UsageError
 from vitcli.io.images import load_image
 from vitcli.io.inputs import is_image_path
 
@@ -163,14 +163,47 @@ def drop_unreadable(samples: Sequence[Sample], strict: bool = False) -> tuple[li
 
 
 def map_classes(folder_classes: Sequence[str], model_labels: Sequence[str]) -> dict[str, int]:
-    """Folder class name -> the model's class index, by name (evaluation of a trained model)."""
-    index = {name: i for i, name in enumerate(model_labels)}
-    unknown = [c for c in folder_classes if c not in index]
+    """Folder class name -> the model's class index, by name (evaluation of a trained model).
+
+    A name the model holds more than once (ImageNet's "crane" is a bird, 134, and a machine, 517)
+    is refused, naming the indices; a folder named ``crane_134`` or ``134`` picks one.
+    """
+    where: dict[str, list[int]] = {}
+    for i, name in enumerate(model_labels):
+        where.setdefault(name, []).append(i)
+    index, unknown, ambiguous = {}, [], []
+    for c in folder_classes:
+        found = where.get(c) or _picked_index(c, model_labels)
+        if not found:
+            unknown.append(c)
+        elif len(found) > 1:
+            ambiguous.append(c)
+        else:
+            index[c] = found[0]
+    if ambiguous:
+        c = ambiguous[0]
+        indices = where[c]
+        listed = ", ".join(str(i) for i in indices)
+        more = f" (and {', '.join(ambiguous[1:])})" if len(ambiguous) > 1 else ""
+        raise UsageError(f"folder '{c}'{more} names a label the model holds {len(indices)} times, "
+                         f"at indices {listed}; rename the folder {c}_{indices[0]} (or {indices[0]}) "
+                         "to pick one")
     if unknown:
         shown = ", ".join(list(model_labels)[:10]) + (", ..." if len(model_labels) > 10 else "")
         raise DatasetError(f"folder class(es) unknown to the model: {', '.join(unknown)}; "
                            f"the model's labels are {shown}")
-    return {c: index[c] for c in folder_classes}
+    return index
+
+
+def _picked_index(folder: str, model_labels: Sequence[str]) -> list[int]:
+    """``[i]`` for a folder named ``i`` or ``<label i>_i`` (a class picked by its index), else ``[]``."""
+    name, _, number = folder.rpartition("_")
+    if not number.isascii() or not number.isdigit():
+        return []
+    i = int(number)
+    if i >= len(model_labels) or (name and model_labels[i] != name):
+        return []
+    return [i]
 
 
 def find_eval_dir(data_dir: str | Path, split: str | None = None) -> Path:
