@@ -346,3 +346,34 @@ def test_resume_works_from_another_directory(tmp_path, tiny_model_dir, monkeypat
     resumed = fit(resume_config(work / run))
     assert resumed.stopped == "done" and resumed.global_step == 4 and resumed.run_dir == work / run
     assert not (elsewhere / "runs").exists()
+
+
+def test_early_stop_after_a_max_steps_stop_and_resume_counts_the_epoch_once(tmp_path, data, tiny_model_dir,
+                                                                             monkeypatch):
+    """Epoch 2 is cut by --max-steps and evaluated (0.9), then resumed and evaluated again at its end (0.7,
+    better than epoch 1's 0.5): that is one epoch that improved, so --patience 1 goes on to epoch 3, and
+    best/ holds epoch 2's final weights, not the partial ones."""
+    scores = iter([0.5, 0.9, 0.7, 0.6, 0.6])
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def scripted(model, batches, num_classes, device, precision="fp32", dist=None):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        top1 = next(scores)
+        return {"val_loss": 1.0 - top1, "val_top1": top1, "confusion": torch.eye(num_classes, dtype=torch.long),
+                "preds": torch.zeros(0), "targets": torch.zeros(0), "count": 4}
+
+    monkeypatch.setattr(loop, "evaluate", scripted)
+    cut = fit(config(tmp_path, data, tiny_model_dir, epochs=4, patience=1, max_steps=4))  # 3 steps an epoch
+    assert cut.stopped == "max_steps" and [r["epoch"] for r in cut.rows] == [1, 2]
+    assert cut.best_epoch == 1  # a partial evaluation does not replace a finished epoch's best
+
+    resumed = fit(resume_config(cut.run_dir))
+
+    assert [r["epoch"] for r in resumed.rows] == [1, 2, 3] and not any(r.get("partial") for r in resumed.rows)
+    assert resumed.stopped == "patience" and resumed.epochs_done == 3
+    assert (resumed.best_epoch, resumed.best_top1) == (2, 0.7)
+    from safetensors.torch import load_file
+
+    best = load_file(str(resumed.best_dir / "model.safetensors"))
+    assert all(torch.equal(best[k], seen[2][k]) for k in best)  # the weights evaluated at epoch 2's end
+    assert not all(torch.equal(best[k], seen[1][k]) for k in best)
