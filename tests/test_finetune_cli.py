@@ -124,3 +124,28 @@ def test_help_imports_no_torch():
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
     proc = subprocess.run([sys.executable, "-m", "vitcli", "finetune", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--resume" in proc.stdout
+
+
+def test_resume_accepts_the_same_model_and_weights_given_again_as_relative_paths(tmp_path, data, tiny_model_dir,
+                                                                                  monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    shutil.copy(tiny_model_dir / "model.safetensors", tmp_path / "w.safetensors")
+    monkeypatch.chdir(tmp_path)
+    cases = (("folder", ["--model", "model"]), ("file", ["--model", "test_vit", "--weights", "w.safetensors"]))
+    for name, given in cases:
+        first = runner.invoke(app, ["finetune", str(data), *given, "--img-size", "64", "--batch-size", "4",
+                                    "--workers", "0", "--precision", "fp32", "--project", "runs", "--name", name,
+                                    "--epochs", "1", "--max-steps", "1"])
+        assert first.exit_code == 0, first.output
+        saved = json.loads((tmp_path / "runs" / name / "args.json").read_text())["config"]
+        assert saved["model"] in ("test_vit", str(tmp_path / "model"))
+        assert saved["weights"] in (None, str(tmp_path / "w.safetensors"))
+
+        resumed = runner.invoke(app, ["finetune", "--resume", f"runs/{name}", *given])
+        assert resumed.exit_code == 0, resumed.output
+
+    shutil.copytree(tmp_path / "model", tmp_path / "other")
+    refused = runner.invoke(app, ["finetune", "--resume", "runs/folder", "--model", "other"])
+    assert refused.exit_code == 2 and "--model cannot change" in refused.stderr

@@ -156,6 +156,8 @@ def resume_config(run_dir: str | Path, **given: Any) -> FinetuneConfig:
         if key == "data":
             if Path(value).expanduser().resolve() != Path(saved["data"]).expanduser().resolve():
                 raise UsageError(f"--resume '{run_dir}' trained on '{saved['data']}', not '{value}'")
+        elif key in ("model", "weights") and _same_path(value, saved.get(key)):
+            continue  # the same folder or file, given relative to here (args.json keeps it absolute)
         elif key in RESUMABLE_OPTIONS:
             saved[key] = value
         elif saved.get(key) != value:
@@ -163,6 +165,14 @@ def resume_config(run_dir: str | Path, **given: Any) -> FinetuneConfig:
                              f"{saved.get(key)!r}); leave it out, or start a new run")
     saved["resume"] = os.path.abspath(run_dir)
     return FinetuneConfig(**saved)
+
+
+def _same_path(given: str, saved: str | None) -> bool:
+    """Whether ``given`` names an existing file or folder that is ``saved`` (an absolute path)."""
+    if saved is None:
+        return False
+    path = Path(given).expanduser()
+    return path.exists() and path.resolve() == Path(saved).expanduser().resolve()
 
 
 def check_config(config: FinetuneConfig) -> None:
