@@ -16,14 +16,10 @@ from typer.testing import CliRunner
 from conftest import DEIT_WEIGHTS, TINY_LABELS, make_image, shared
 from vitcli.cli.app import app
 from vitcli.errors import DatasetError, UsageError
-from vitcli.evaluate import (
-    ClassMetrics,
-    confusion_matrix,
-    evaluate_model,
-    per_class_metrics,
-)
+from vitcli.evaluate import evaluate_model
 from vitcli.io.images import load_image
 from vitcli.io.transforms import eval_transform
+from vitcli.metrics import ClassMetrics, confusion_matrix, per_class_metrics
 from vitcli.models.resolve import LoadedModel, load_model
 
 runner = CliRunner()
@@ -253,7 +249,8 @@ def test_cli_json_is_one_document(tiny_model_dir, dataset):
     result = invoke(str(dataset.parent), "-m", str(tiny_model_dir), "-j", "0", "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert set(doc) == {"top1", "top5", "loss", "n_images", "folder", "per_class", "confusion_matrix", "skipped"}
+    assert set(doc) == {"top1", "top5", "loss", "n_images", "folder", "per_class", "confusion_matrix", "skipped",
+                        "calibration", "mistakes", "most_confused"}
     assert doc["n_images"] == 5 and doc["folder"] == str(dataset) and doc["skipped"] == []
     assert 0.0 <= doc["top1"] <= 1.0 and doc["top5"] is None and doc["loss"] > 0  # 3 classes: no top-5
     matrix = doc["confusion_matrix"]["matrix"]

@@ -132,3 +132,95 @@ def save_confusion_matrix(matrix: Any, labels: Sequence[str], path: Path, title:
     subtitle = f"{total} images, accuracy {accuracy:.1%}"
     ax.set_title(f"{title}\n{subtitle}" if title else subtitle)
     return _save(fig, path)
+
+
+def save_reliability_diagram(bins: Sequence[Any], path: Path, title: str = "", ece: float | None = None,
+                             temperature: float | None = None) -> Path:
+    """A reliability diagram: accuracy against mean confidence per confidence bin, as bars over the
+    bin, with the diagonal of perfect calibration, the gap to it shaded, and each bin's image count.
+
+    Args:
+        bins: ``metrics.ReliabilityBin``s (lo, hi, count, confidence, accuracy), in order.
+        path: the PNG to write (atomically).
+        title: the first title line; the ECE and the temperature follow it.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 6.8), layout="constrained")
+    ax, hist = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    full = [b for b in bins if b.count]
+    width = [b.hi - b.lo for b in full]
+    ax.bar([b.lo for b in full], [b.accuracy for b in full], width=width, align="edge", color="#4878cf",
+           edgecolor="white", label="accuracy")
+    gaps = [b.confidence - b.accuracy for b in full]
+    ax.bar([b.lo for b in full], gaps, bottom=[b.accuracy for b in full], width=width, align="edge",
+           color="#d65f5f", alpha=0.35, edgecolor="#d65f5f", hatch="//", label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="perfect calibration")
+    ax.plot([b.confidence for b in full], [b.accuracy for b in full], "o", color="black", markersize=3,
+            label="(mean confidence, accuracy)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    hist.bar([b.lo for b in full], [b.count for b in full], width=width, align="edge", color="#888888",
+             edgecolor="white")
+    for b in full:
+        hist.text((b.lo + b.hi) / 2, b.count, str(b.count), ha="center", va="bottom", fontsize=7)
+    hist.set_ylim(0, max((b.count for b in full), default=1) * 1.25)
+    hist.set_xlabel("confidence (top-1 probability)")
+    hist.set_ylabel("images")
+    total = sum(b.count for b in bins)
+    parts = [f"{total} images, {len(bins)} bins"]
+    if ece is not None and math.isfinite(ece):
+        parts.append(f"ECE {ece:.4f}")
+    parts.append(f"temperature {temperature:.3g}" if temperature is not None else "no temperature")
+    subtitle = ", ".join(parts)
+    ax.set_title(f"{title}\n{subtitle}" if title else subtitle, fontsize=10)
+    return _save(fig, path)
+
+
+def save_mistakes_grid(mistakes: Sequence[Any], path: Path, title: str = "", columns: int = 5,
+                       thumb: int = 160) -> Path:
+    """The most confident mistakes as a grid of thumbnails, each captioned with its folder label,
+    the predicted label and their probabilities, in order (most confident first, read by rows).
+
+    Args:
+        mistakes: ``evaluate.Mistake``s (path, label, predicted, prob, label_prob).
+        path: the PNG to write (atomically).
+        columns: thumbnails per row; thumb: the longest side of a thumbnail in pixels.
+    """
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from vitcli.io.images import load_image
+
+    n = len(mistakes)
+    cols = max(1, min(columns, n))
+    rows = max(1, math.ceil(n / cols))
+    size = thumb / DPI + 0.2  # inches per panel, before the caption
+    fig = Figure(figsize=(cols * size * 1.25, rows * (size + 0.75) + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i >= n:
+            continue
+        m = mistakes[i]
+        try:
+            image = load_image(m.path)
+            image.thumbnail((thumb, thumb), Image.Resampling.BILINEAR)
+            ax.imshow(image)
+        except Exception:  # a file gone since it was scored: the caption still names it
+            ax.text(0.5, 0.5, "(unreadable)", ha="center", va="center", transform=ax.transAxes)
+        name = Path(m.path).name
+        name = name if len(name) <= LABEL_MAX_CHARS else name[: LABEL_MAX_CHARS - 1] + "…"
+        ax.set_title(f"#{i + 1} {name}\nlabel {_short(m.label)} ({m.label_prob:.2f})\n"
+                     f"predicted {_short(m.predicted)} ({m.prob:.2f})", fontsize=7, loc="left")
+    if n == 0:
+        axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center", va="center", transform=axes[0, 0].transAxes)
+    fig.suptitle(title or "most confident mistakes", fontsize=10)
+    return _save(fig, path)
+
+
+def _short(label: str, limit: int = 18) -> str:
+    return label if len(label) <= limit else label[: limit - 1] + "…"

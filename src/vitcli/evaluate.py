@@ -1,14 +1,18 @@
 """Evaluation of a classifier on a folder-per-class split: accuracy, loss, per-class metrics,
-confusion matrix. Never prints.
+confusion matrix, calibration (NLL, ECE, reliability bins) and the most confident mistakes. Never prints.
 
 Folder class names are mapped to the model's labels *by name* (``datasets.map_classes``), never by
 folder order, so a model fine-tuned on ``DATA/train`` can be scored on ``DATA/test`` whatever
 classes that folder happens to contain. The confusion matrix covers the classes of the folder
 plus any other model class that was predicted, in the model's label order.
+
+The counting is ``metrics.ScoreSums``, the same as finetune validation; images are read by predict's
+tolerant dataset (``inference.batching.ImageSourceDataset``), so an unreadable file is skipped and named.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,28 +21,34 @@ from typing import Any
 import torch
 
 from vitcli.devices import autocast, resolve_device, resolve_precision
-from vitcli.errors import DatasetError, ImageLoadError, UsageError
-from vitcli.inference.shards import Rank
-from vitcli.io.datasets import LabeledImages, Sample, find_eval_dir, map_classes, scan_class_folders
+from vitcli.distributed import Dist, close_distributed, init_distributed, on_every_rank
+from vitcli.errors import DatasetError, UsageError
+from vitcli.io.datasets import Sample, find_eval_dir, map_classes, scan_class_folders
+from vitcli.metrics import ClassMetrics, ReliabilityBin, ScoreSums, most_confused, per_class_metrics
 from vitcli.models.resolve import LoadedModel
+
+MISTAKES = 15  # the most confident mistakes listed by default
+CONFUSED_PAIRS = 10
 
 
 @dataclass(frozen=True)
-class ClassMetrics:
-    """Precision, recall and F1 of one class (0.0 where undefined), and its number of images."""
+class Mistake:
+    """An image whose top-1 is not its folder's class, with both probabilities."""
 
-    label: str
-    precision: float
-    recall: float
-    f1: float
-    support: int
+    path: str
+    label: str  # the folder's class
+    predicted: str
+    prob: float  # of the predicted class
+    label_prob: float  # of the folder's class
 
 
 @dataclass
 class EvalResult:
     """Scores of a model on one folder. ``top1``/``top5`` are fractions; ``loss`` is mean cross-entropy.
 
-    ``top5`` is None for models of 5 classes or fewer, where every image is in the top 5.
+    ``top5`` is None for models of 5 classes or fewer, where every image is in the top 5. ``nll``,
+    ``ece``, ``reliability`` and the mistakes' probabilities use ``temperature`` (None: the plain
+    softmax); ``loss`` is always the raw logits' cross-entropy, the NLL without a temperature.
     """
 
     top1: float
@@ -50,6 +60,16 @@ class EvalResult:
     per_class: list[ClassMetrics]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): unreadable images
     folder: str = ""
+    temperature: float | None = None
+    nll: float = 0.0
+    ece: float = 0.0
+    ece_uncalibrated: float | None = None  # the plain softmax's ECE, where a temperature was applied
+    reliability: list[ReliabilityBin] = field(default_factory=list)
+    mistakes: list[Mistake] = field(default_factory=list)  # most confident first
+    confused: list[tuple[str, str, int]] = field(default_factory=list)  # (true, predicted, images), most first
+    model: str = ""
+    logits: torch.Tensor | None = None  # (N, C) fp32, with ``keep_logits`` (not in the JSON)
+    targets: torch.Tensor | None = None  # (N,)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document of ``vitcli evaluate --json``."""
@@ -62,41 +82,12 @@ class EvalResult:
             "per_class": [asdict(m) for m in self.per_class],
             "confusion_matrix": {"labels": list(self.labels), "matrix": self.matrix.tolist()},
             "skipped": [{"path": path, "reason": reason} for path, reason in self.skipped],
+            "calibration": {"temperature": self.temperature, "nll": self.nll, "ece": self.ece,
+                            "ece_uncalibrated": self.ece_uncalibrated,
+                            "reliability": [asdict(b) for b in self.reliability]},
+            "mistakes": [asdict(m) for m in self.mistakes],
+            "most_confused": [{"label": t, "predicted": p, "images": n} for t, p, n in self.confused],
         }
-
-
-# ----------------------------------------------------------------------------------- metrics
-
-
-def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(C, C) int64 counts; ``matrix[t, p]`` is the number of images of class t predicted as p."""
-    targets = targets.reshape(-1).long().cpu()
-    preds = preds.reshape(-1).long().cpu()
-    if targets.shape != preds.shape:
-        raise ValueError(f"targets and preds differ in length ({targets.numel()} vs {preds.numel()})")
-    flat = targets * num_classes + preds  # (N,) index into the flattened matrix
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def per_class_metrics(matrix: torch.Tensor | Sequence[Sequence[int]], labels: Sequence[str]) -> list[ClassMetrics]:
-    """Precision, recall, F1 and support of each class of a confusion matrix (rows true).
-
-    A ratio with a zero denominator (a class never predicted, or with no images) is 0.0.
-    """
-    m = torch.as_tensor(matrix, dtype=torch.float64)
-    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] != len(labels):
-        raise ValueError(f"matrix of shape {tuple(m.shape)} does not fit {len(labels)} labels")
-    true_pos = m.diagonal()
-    support = m.sum(dim=1)  # images per true class
-    predicted = m.sum(dim=0)  # images per predicted class
-    metrics = []
-    for i, label in enumerate(labels):
-        tp = true_pos[i].item()
-        precision = tp / predicted[i].item() if predicted[i] > 0 else 0.0
-        recall = tp / support[i].item() if support[i] > 0 else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-        metrics.append(ClassMetrics(str(label), precision, recall, f1, int(support[i].item())))
-    return metrics
 
 
 # ------------------------------------------------------------------------------------ folders
@@ -120,28 +111,18 @@ def eval_samples(data_dir: str | Path, labels: Sequence[str],
     return folder, samples
 
 
-class _TolerantImages(LabeledImages):
-    """LabeledImages that yields ``(None, target, reason)`` for an unreadable image instead of raising."""
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None]:  # type: ignore[override]
-        try:
-            image, target = super().__getitem__(i)
-            return image, target, None
-        except ImageLoadError as e:
-            return None, self.samples[i][1], e.reason
-        except Exception as e:  # a transform that chokes on a pathological image
-            return None, self.samples[i][1], f"could not preprocess ({type(e).__name__}: {e})"
-
-
-def _collate(items: list[tuple[torch.Tensor | None, int, str | None]]):
-    """Stack the readable images and their targets; keep every item's error (None where it loaded)."""
-    good = [(x, t) for x, t, _ in items if x is not None]
-    images = torch.stack([x for x, _ in good]) if good else None
-    targets = torch.tensor([t for _, t in good], dtype=torch.long)
-    return images, targets, [reason for _, _, reason in items]
-
-
 # --------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class _Share:
+    """One rank's part: its sums, unreadable files, most confident mistakes and (if kept) logits."""
+
+    sums: ScoreSums
+    skipped: list[tuple[str, str]]
+    mistakes: list[tuple[float, str, int, int, float]]  # (prob, path, target, predicted, target prob)
+    logits: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
 
 
 def evaluate_model(
@@ -154,8 +135,10 @@ def evaluate_model(
     precision: str = "auto",
     strict: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
-    rank: Rank | None = None,
-    group: Any = None,
+    dist: Dist | None = None,
+    temperature: float | None = None,
+    mistakes: int = MISTAKES,
+    keep_logits: bool = False,
 ) -> EvalResult:
     """Score ``loaded`` on a folder-per-class split.
 
@@ -169,89 +152,161 @@ def evaluate_model(
             ``vitcli.devices.resolve_precision``).
         strict: an unreadable image is fatal (checked before evaluating) instead of skipped.
         on_batch: called with (images done, total) after each batch, for progress bars.
-        rank, group: under torchrun, this process's rank and a gloo process group: each rank scores
-            every N-th image and the counts (confusion matrix, loss, hits, unreadable files) are
-            summed over the ranks, so every rank returns the whole folder's result.
+        dist: under torchrun (a joined process group), this process's rank: each rank scores every
+            N-th image and the ranks' counts are added up, so every rank returns the whole folder's
+            result. A failure on any rank is raised on every rank.
+        temperature: divides the logits for the probabilities (NLL, ECE, mistakes); None: plain softmax.
+        mistakes: how many of the most confident mistakes to keep.
+        keep_logits: also keep every image's fp32 logits and target (``result.logits``/``result.targets``).
     """
-    from vitcli.inference.batching import scored_batches
     from vitcli.io.datasets import drop_unreadable
-    from vitcli.io.transforms import eval_transform
 
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if mistakes < 0:
+        raise UsageError("--mistakes must be 0 or more")
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)  # auto -> what runs; checked for the device
     folder, samples = eval_samples(data_dir, loaded.labels, split)
     if strict:
         samples, _ = drop_unreadable(samples, strict=True)
-    rank = rank or Rank()
-    mine = samples[rank.rank::rank.world]  # strided: every rank gets a mix of the classes
+    dist = dist or Dist()
+    mine = samples[dist.rank::dist.world]  # strided: every rank gets a mix of the classes
 
-    num_classes = loaded.num_classes
-    k = min(5, num_classes)  # top-5 where there are more than 5 classes; top1 is hits[:, 0] either way
-    model = loaded.model.to(torch_device).eval()
+    def score_mine() -> _Share:
+        return _score(loaded, mine, batch_size, workers, torch_device, precision, temperature, mistakes,
+                      keep_logits, on_batch if dist.main else None)
 
-    def logits_of(batch):  # (images, targets, errors) -> (fp32 logits on the CPU or None, targets, errors)
-        images, targets, errors = batch
+    shares = on_every_rank(score_mine, dist)  # a failure on any rank stops every rank with it
+    sums, skipped, worst = shares[0].sums, [], []
+    for share in shares:
+        if share is not shares[0]:
+            sums.merge(share.sums)
+        skipped += share.skipped
+        worst += share.mistakes
+    position = {path: i for i, (path, _) in enumerate(samples)}
+    skipped.sort(key=lambda pair: position[pair[0]])  # the one-process order
+    if sums.count == 0:
+        raise DatasetError(f"none of the {len(samples)} images in '{folder}' could be read")
+
+    # Keep the folder's classes and every class that was predicted: all counts stay in the matrix.
+    keep = sorted({target for _, target in samples} | set(sums.matrix.sum(dim=0).nonzero().flatten().tolist()))
+    labels = [loaded.labels[i] for i in keep]
+    matrix = sums.matrix[keep][:, keep]
+    result = EvalResult(
+        top1=sums.top1, top5=sums.topk, loss=sums.loss, n_images=sums.count, labels=labels, matrix=matrix,
+        per_class=per_class_metrics(matrix, labels), skipped=skipped, folder=str(folder),
+        temperature=temperature, nll=sums.nll, ece=sums.ece, reliability=sums.reliability(),
+        mistakes=[Mistake(path, loaded.labels[t], loaded.labels[p], prob, t_prob)
+                  for prob, path, t, p, t_prob in sorted(worst, key=lambda m: (-m[0], m[1]))[:mistakes]],
+        confused=most_confused(matrix, labels, CONFUSED_PAIRS), model=loaded.name,
+    )
+    if temperature is not None:
+        result.ece_uncalibrated = sums.ece_uncalibrated
+    if keep_logits:
+        result.logits = torch.cat([s.logits for s in shares if s.logits is not None])
+        result.targets = torch.cat([s.targets for s in shares if s.targets is not None])
+    return result
+
+
+def _score(loaded: LoadedModel, mine: list[Sample], batch_size: int, workers: int | None, device: torch.device,
+           precision: str, temperature: float | None, n_mistakes: int, keep_logits: bool,
+           on_batch: Callable[[int, int], None] | None) -> _Share:
+    """This rank's share, scored: counts, unreadable files, its most confident mistakes."""
+    from vitcli.inference.batching import ImageSourceDataset, collate_images, scored_key_batches
+    from vitcli.io.transforms import eval_transform
+
+    model = loaded.model.to(device).eval()
+    sums = ScoreSums(loaded.num_classes, temperature=temperature)
+    dataset = ImageSourceDataset([path for path, _ in mine], eval_transform(loaded.data_config))
+
+    def logits_of(batch: tuple[torch.Tensor | None, list]) -> tuple[torch.Tensor | None, list]:
+        images, errors = batch  # runs in stream threads
         if images is None:
-            return None, targets, errors
-        with torch.inference_mode(), autocast(torch_device, precision):  # per call: stream threads run this
-            logits = model(images.to(torch_device, non_blocking=True))  # (B, num_classes)
-        return logits.float().cpu(), targets, errors
+            return None, errors
+        with torch.inference_mode(), autocast(device, precision):  # per call: a fresh context per thread
+            logits = model(images.to(device, non_blocking=True))  # (B, num_classes)
+        return logits.float().cpu(), errors
 
-    scored = scored_batches(_TolerantImages(mine, eval_transform(loaded.data_config)), batch_size, _collate,
-                            logits_of, torch_device, workers)
-    matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, top-1 hits, top-k hits
     skipped: list[tuple[str, str]] = []
+    worst: list[tuple[float, str, int, int, float]] = []  # a min-heap of the most confident mistakes
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     done = 0
     with torch.inference_mode():
-        for logits, targets, errors in scored:
-            skipped += [(mine[done + i][0], reason) for i, reason in enumerate(errors) if reason is not None]
-            done += len(errors)
+        for chunk, (logits, errors) in scored_key_batches(dataset, range(len(mine)), batch_size, collate_images,
+                                                          logits_of, device, workers):
+            good = [i for i, reason in zip(chunk, errors, strict=True) if reason is None]
+            skipped += [(mine[i][0], reason) for i, reason in zip(chunk, errors, strict=True) if reason is not None]
             if logits is not None:
-                # one topk gives the hit counts and the top-1 predictions the matrix needs
-                # (timm.utils.accuracy returns batch percentages, not counts or predictions)
-                top = logits.topk(k, dim=1).indices  # (B, k)
-                hits = top == targets[:, None]  # (B, k)
-                sums += torch.tensor([torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item(),
-                                      hits[:, 0].sum().item(), hits.any(dim=1).sum().item()], dtype=torch.float64)
-                matrix += confusion_matrix(targets, top[:, 0], num_classes)
+                targets = torch.tensor([mine[i][1] for i in good], dtype=torch.long)
+                preds = sums.add(logits, targets)
+                probs = (logits.double() / (temperature or 1.0)).softmax(dim=1)  # (B, C)
+                for row in (preds != targets).nonzero().flatten().tolist():
+                    t, p = int(targets[row]), int(preds[row])
+                    entry = (probs[row, p].item(), mine[good[row]][0], t, p, probs[row, t].item())
+                    if len(worst) < n_mistakes:
+                        heapq.heappush(worst, entry)
+                    elif n_mistakes and entry[0] > worst[0][0]:
+                        heapq.heapreplace(worst, entry)
+                if keep_logits:
+                    kept.append((logits, targets))
+            done += len(chunk)
             if on_batch is not None:
                 on_batch(done, len(mine))
-    if rank.enabled:
-        matrix, sums, skipped = _summed_over_ranks(matrix, sums, skipped, group)
-        position = {path: i for i, (path, _) in enumerate(samples)}
-        skipped.sort(key=lambda pair: position[pair[0]])  # the one-process order
-
-    n_images = int(matrix.sum().item())
-    if n_images == 0:
-        raise DatasetError(f"none of the {len(samples)} images in '{folder}' could be read")
-    loss_sum, correct1, correct_k = sums.tolist()
-    # Keep the folder's classes and every class that was predicted: all counts stay in the matrix.
-    keep = sorted({target for _, target in samples} | set(matrix.sum(dim=0).nonzero().flatten().tolist()))
-    labels = [loaded.labels[i] for i in keep]
-    matrix = matrix[keep][:, keep]
-    return EvalResult(
-        top1=correct1 / n_images,  # hit counts summed as float64: exact up to 2**53 images
-        top5=correct_k / n_images if num_classes > 5 else None,
-        loss=loss_sum / n_images,
-        n_images=n_images,
-        labels=labels,
-        matrix=matrix,
-        per_class=per_class_metrics(matrix, labels),
-        skipped=skipped,
-        folder=str(folder),
-    )
+    share = _Share(sums, skipped, worst)
+    if keep_logits:
+        share.logits = torch.cat([x for x, _ in kept]) if kept else torch.zeros(0, loaded.num_classes)
+        share.targets = torch.cat([t for _, t in kept]) if kept else torch.zeros(0, dtype=torch.long)
+    return share
 
 
-def _summed_over_ranks(matrix: torch.Tensor, sums: torch.Tensor, skipped: list[tuple[str, str]],
-                       group: Any) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
-    """Every rank's counts added up (CPU tensors over a gloo group), unreadable files of all ranks."""
-    import torch.distributed as dist
+# ---------------------------------------------------------------------------------- the job
 
-    dist.all_reduce(matrix, group=group)
-    dist.all_reduce(sums, group=group)
-    everyone: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, skipped, group=group)
-    return matrix, sums, [pair for part in everyone for pair in part]
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """What ``vitcli evaluate`` asks for."""
+
+    data: str | Path
+    model: str
+    weights: str | None = None
+    split: str | None = None
+    batch_size: int = 32
+    workers: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    strict: bool = False
+    calibrated: bool = True  # apply the model's stored temperature (False: plain softmax)
+    mistakes: int = MISTAKES
+
+
+def run_evaluate(request: EvalRequest, on_loaded: Callable[[LoadedModel], None] | None = None,
+                 on_batch: Callable[[int, int], None] | None = None) -> tuple[LoadedModel, EvalResult]:
+    """Load the model and score it, under torchrun too: this process joins the group, and the load
+    and the scoring go through ``on_every_rank``, so no rank waits for one that failed.
+
+    ``on_loaded`` and ``on_batch`` are called on rank 0 only. Every rank returns the whole result.
+    """
+    from vitcli.calibration import model_temperature
+    from vitcli.models.resolve import load_model
+
+    dist, device = init_distributed(request.device)
+    try:
+        box: list[tuple[LoadedModel, float | None]] = []
+
+        def load() -> None:  # the model stays on this rank: nothing large travels between ranks
+            loaded = load_model(request.model, request.weights)
+            box.append((loaded, model_temperature(loaded)))
+
+        on_every_rank(load, dist)
+        loaded, temperature = box[0]
+        if on_loaded is not None and dist.main:
+            on_loaded(loaded)
+        result = evaluate_model(
+            loaded, request.data, split=request.split, batch_size=request.batch_size, workers=request.workers,
+            device=str(device), precision=request.precision, strict=request.strict,
+            on_batch=on_batch if dist.main else None, dist=dist,
+            temperature=temperature if request.calibrated else None, mistakes=request.mistakes)
+        return loaded, result
+    finally:
+        close_distributed(dist)

@@ -1,4 +1,5 @@
-"""`vitcli evaluate`: accuracy, loss, per-class metrics and confusion matrix on a labelled folder."""
+"""`vitcli evaluate`: accuracy, loss, calibration, per-class metrics, confusion matrix and the most
+confident mistakes on a labelled folder. Parses options and renders; the job is ``vitcli.evaluate``."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from vitcli.cli._options import (
 from vitcli.cli._render import escape, progress_bar
 
 MATRIX_TABLE_MAX_CLASSES = 30  # larger confusion matrices: --json or --confusion-png
+NoCalibrationOpt = Annotated[bool, typer.Option(
+    "--no-calibration",
+    help="Show the plain softmax even if the model has a stored temperature (see vitcli calibrate).")]
 
 
 def evaluate(
@@ -42,6 +46,16 @@ def evaluate(
     confusion_png: Annotated[Path | None, typer.Option(
         "--confusion-png", help="Also write the confusion matrix as a PNG image to this file.",
         metavar="FILE")] = None,
+    reliability_png: Annotated[Path | None, typer.Option(
+        "--reliability-png", help="Also write a reliability diagram (accuracy against confidence in 15 bins, "
+                                  "with their image counts and the ECE) to this PNG file.", metavar="FILE")] = None,
+    mistakes: Annotated[int, typer.Option(
+        "--mistakes", min=0, help="How many of the most confident mistakes to list (0: none).",
+        metavar="N")] = 15,
+    mistakes_png: Annotated[Path | None, typer.Option(
+        "--mistakes-png", help="Also draw the listed mistakes as a grid of thumbnails with their labels "
+                               "and probabilities in this PNG file.", metavar="FILE")] = None,
+    no_calibration: NoCalibrationOpt = False,
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
@@ -49,18 +63,28 @@ def evaluate(
     strict: Annotated[bool, typer.Option(
         "--strict", help="Stop before evaluating if any image is unreadable (default: skip it).")] = False,
 ) -> None:
-    """Evaluate a model on a folder-per-class split: top-1/top-5, loss, per-class metrics, confusion matrix.
+    """Evaluate a model on a folder-per-class split: top-1/top-5, loss, calibration (NLL, ECE), per-class
+    metrics, confusion matrix, and the most confident mistakes.
 
-    Example: vitcli evaluate ./data --model runs/finetune/exp/best --confusion-png confusion.png
+    Example: vitcli evaluate ./data --model runs/finetune/exp/best --mistakes-png mistakes.png
 
     Class folders are matched to the model's labels by name, never by order; a class the model does
     not know is an error. A label the model holds twice (ImageNet's crane: bird 134, machine 517) is
     picked by index: name the folder crane_134 (or 134). Top-5 is shown for models of more than 5
     classes (null in --json otherwise).
 
+    Probabilities use the model's stored temperature (vitcli finetune and vitcli calibrate store one),
+    which changes no top-1; --no-calibration shows the plain softmax. ECE uses 15 equal-width bins.
+
+    The most confident mistakes, pointed at a training folder, are a label audit: images whose folder
+    label the model confidently disputes come first.
+
     --json prints one JSON document: {"top1", "top5", "loss", "n_images", "folder", "per_class":
     [{"label", "precision", "recall", "f1", "support"}], "confusion_matrix": {"labels", "matrix"},
-    "skipped": [{"path", "reason"}]} (matrix rows = true class, columns = predicted).
+    "skipped": [{"path", "reason"}], "calibration": {"temperature", "nll", "ece", "ece_uncalibrated",
+    "reliability": [{"lo", "hi", "count", "confidence", "accuracy"}]}, "mistakes": [{"path", "label",
+    "predicted", "prob", "label_prob"}], "most_confused": [{"label", "predicted", "images"}]}
+    (matrix rows = true class, columns = predicted).
 
     Unreadable images are listed on stderr and skipped; the scores cover the rest, and the exit
     code is then 1 (as for predict: exit 1 if any input failed). --strict stops at the first one.
@@ -69,52 +93,57 @@ def evaluate(
     N-th image on its own device; the counts are summed and rank 0 reports the whole folder.
     """
     with handled_errors():
-        from vitcli.inference.shards import torchrun_rank
+        import os
 
-        rank, group, device_name = torchrun_rank(), None, device
-        if rank.enabled:
-            from vitcli.inference.shards import init_process_group
+        from vitcli.console import err
+        from vitcli.evaluate import EvalRequest, run_evaluate
 
-            rank, device_name, group = init_process_group(device)
+        request = EvalRequest(data, model, str(weights) if weights else None, split, batch_size, workers,
+                              device, precision.value, strict, not no_calibration, mistakes)
+        main = os.environ.get("RANK", "0") == "0"
+        status = err.status(f"loading {escape(model)}") if main else contextlib.nullcontext()
+        status.__enter__()
+
+        def loaded_now(loaded) -> None:
+            status.__exit__(None, None, None)
+            if loaded.folder is not None and loaded.folder != Path(model.removeprefix("local-dir:")).expanduser():
+                err.print(f"using the model folder {escape(str(loaded.folder))}", highlight=False)
+
         try:
-            _evaluate(data, model, weights, split, json_out, confusion_png, batch_size, workers, device_name,
-                      precision.value, strict, rank, group)
+            with progress_bar("evaluate") if main else contextlib.nullcontext(None) as on_batch:
+                loaded, result = run_evaluate(request, loaded_now, on_batch)
         finally:
-            if rank.enabled:
-                import torch.distributed as dist
-
-                dist.destroy_process_group()
-
-
-def _evaluate(data, model, weights, split, json_out, confusion_png, batch_size, workers, device, precision, strict,
-              rank, group) -> None:
-    """One process's part; under torchrun every rank scores its share and rank 0 reports the sum."""
-    from vitcli.console import err
-    from vitcli.evaluate import evaluate_model
-    from vitcli.models.resolve import load_model
-
-    with err.status(f"loading {escape(model)}") if rank.main else contextlib.nullcontext():
-        loaded = load_model(model, weights)
-    if rank.main and loaded.folder is not None and loaded.folder != Path(model.removeprefix("local-dir:")).expanduser():
-        err.print(f"using the model folder {escape(loaded.folder)}", highlight=False)
-    with progress_bar("evaluate") if rank.main else contextlib.nullcontext(lambda done, total: None) as on_batch:
-        result = evaluate_model(loaded, data, split=split, batch_size=batch_size, workers=workers, device=device,
-                                precision=precision, strict=strict, on_batch=on_batch, rank=rank, group=group)
-    if not rank.main:
+            status.__exit__(None, None, None)
+        if main:
+            _write_files(loaded, result, confusion_png, reliability_png, mistakes_png)
+            _report(result, json_out)
         if result.skipped:
             raise typer.Exit(1)
-        return
+
+
+def _write_files(loaded, result, confusion_png: Path | None, reliability_png: Path | None,
+                 mistakes_png: Path | None) -> None:
+    from vitcli.console import err
+
     for path, reason in result.skipped:
         err.print(f"[bold red]Error:[/] {escape(path)}: {escape(reason)}", highlight=False)
+    title = f"{loaded.name} on {result.folder}"
     if confusion_png is not None:
         from vitcli.charts import save_confusion_matrix
 
-        title = f"{loaded.name} on {result.folder}"
         save_confusion_matrix(result.matrix, result.labels, confusion_png, title=title)
-        err.print(f"wrote {escape(confusion_png)}", highlight=False)
-    _report(result, json_out)
-    if result.skipped:
-        raise typer.Exit(1)
+        err.print(f"wrote {escape(str(confusion_png))}", highlight=False)
+    if reliability_png is not None:
+        from vitcli.charts import save_reliability_diagram
+
+        save_reliability_diagram(result.reliability, reliability_png, title=title, ece=result.ece,
+                                 temperature=result.temperature)
+        err.print(f"wrote {escape(str(reliability_png))}", highlight=False)
+    if mistakes_png is not None:
+        from vitcli.charts import save_mistakes_grid
+
+        save_mistakes_grid(result.mistakes, mistakes_png, title=f"most confident mistakes: {title}")
+        err.print(f"wrote {escape(str(mistakes_png))}", highlight=False)
 
 
 def _report(result, json_out: bool) -> None:
@@ -123,7 +152,7 @@ def _report(result, json_out: bool) -> None:
     from vitcli.console import err, out
 
     if json_out:
-        out.out(json.dumps(result.to_dict()), highlight=False)
+        out.out(json.dumps(result.to_dict(), allow_nan=False), highlight=False)
         return
     out.print(_summary_table(result))
     out.print(_class_table(result))
@@ -132,6 +161,10 @@ def _report(result, json_out: bool) -> None:
     else:
         err.print(f"the confusion matrix has {len(result.labels)} classes: see it with --json or "
                   "--confusion-png FILE", highlight=False)
+    if result.confused:
+        out.print(_confused_table(result))
+    if result.mistakes:
+        out.print(_mistakes_table(result))
 
 
 def _summary_table(result):
@@ -144,7 +177,14 @@ def _summary_table(result):
     if top5:
         table.add_column("top-5", justify="right")
     table.add_column("loss", justify="right")
-    table.add_row(str(result.n_images), f"{result.top1:.2%}", *top5, f"{result.loss:.4f}")
+    for name in ("NLL", "ECE", "T"):
+        table.add_column(name, justify="right")
+    ece = f"{result.ece:.4f}"
+    if result.ece_uncalibrated is not None:
+        ece += f" (raw {result.ece_uncalibrated:.4f})"
+    temperature = f"{result.temperature:.3f}" if result.temperature is not None else "none"
+    table.add_row(str(result.n_images), f"{result.top1:.2%}", *top5, f"{result.loss:.4f}", f"{result.nll:.4f}",
+                  ece, temperature)
     return table
 
 
@@ -171,4 +211,33 @@ def _matrix_table(result):
     for i, (label, row) in enumerate(zip(result.labels, result.matrix.tolist(), strict=True)):
         cells = [f"[bold]{count}[/]" if j == i and count else str(count) for j, count in enumerate(row)]
         table.add_row(escape(label), *cells)
+    return table
+
+
+def _confused_table(result):
+    from rich.table import Table
+
+    table = Table(title="most confused classes", header_style="bold", title_justify="left")
+    table.add_column("true class", overflow="fold")
+    table.add_column("predicted as", overflow="fold")
+    table.add_column("images", justify="right")
+    for label, predicted, count in result.confused:
+        table.add_row(escape(label), escape(predicted), str(count))
+    return table
+
+
+def _mistakes_table(result):
+    from rich.table import Table
+
+    table = Table(title="most confident mistakes (a label audit: check these first)", header_style="bold",
+                  title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("image", overflow="fold")
+    table.add_column("folder label", overflow="fold")
+    table.add_column("predicted", overflow="fold")
+    table.add_column("its prob", justify="right")
+    table.add_column("label prob", justify="right")
+    for i, m in enumerate(result.mistakes, 1):
+        table.add_row(str(i), escape(m.path), escape(m.label), escape(m.predicted), f"{m.prob:.4f}",
+                      f"{m.label_prob:.4f}")
     return table

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitcli.devices import autocast, resolve_precision
@@ -45,8 +44,7 @@ from vitcli.finetune.rundir import RunResult
 from vitcli.finetune.sampling import epoch_seed, seed_everything, set_rng_state
 from vitcli.finetune.stop import interrupted, non_finite, stop_on_signals
 from vitcli.io.datasets import FolderData
-
-TOP_K = 5  # the second accuracy reported, where there are more than K classes (else it is always 100%)
+from vitcli.metrics import ScoreSums
 
 Callback = Callable[[str, dict[str, Any]], None]
 
@@ -237,41 +235,35 @@ def _mix(parts: TrainParts, images: torch.Tensor, targets: torch.Tensor) -> tupl
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
-             device: torch.device, precision: str = "fp32", dist: Dist = Dist()) -> dict[str, Any]:
+             device: torch.device, precision: str = "fp32", dist: Dist = Dist(),
+             keep_logits: bool = False) -> dict[str, Any]:
     """Validation loss (plain cross-entropy), top-1 accuracy, top-5 where there are more than 5 classes
-    (``val_top5`` is left out otherwise), and the confusion matrix.
+    (``val_top5`` is left out otherwise), and the confusion matrix: ``metrics.ScoreSums``, the counts
+    ``vitcli evaluate`` keeps too.
 
-    Under torchrun each rank evaluates its share and the sums are reduced; ``preds``/``targets`` are
-    this rank's own, ``confusion`` is the whole set's.
+    Under torchrun each rank evaluates its share and the sums are reduced over the ranks.
+    ``keep_logits``: also return this rank's fp32 ``logits`` (N, C) and ``targets`` (for the temperature).
     """
-    from timm.utils import accuracy
-
-    from vitcli.evaluate import confusion_matrix
-
     model.eval()
-    topk = (1, TOP_K) if num_classes > TOP_K else (1,)
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1 hits, top-5 hits, count
-    preds, targets = [], []
+    sums = ScoreSums(num_classes)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     for images, target in batches:
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(images)  # (B, C)
-        logits = logits.float()
-        # timm's accuracy gives percentages of the batch; the sums over batches and ranks need hit counts
-        hits = [round(pct.item() * len(target) / 100) for pct in accuracy(logits, target, topk=topk)]
-        sums += torch.tensor([F.cross_entropy(logits, target, reduction="sum").item(), hits[0], hits[-1],
-                              len(target)], dtype=torch.float64)
-        preds.append(logits.topk(1, dim=1).indices[:, 0].cpu())  # the top-1 that accuracy() counted
-        targets.append(target.cpu())
-    pred_t = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
-    target_t = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
-    confusion = all_reduce(confusion_matrix(target_t, pred_t, num_classes), dist)
-    loss, top1, top5, count = all_reduce(sums, dist).tolist()
-    count = max(count, 1)
-    metrics = {"val_loss": loss / count, "val_top1": top1 / count}
-    if len(topk) > 1:
-        metrics["val_top5"] = top5 / count
-    return metrics | {"preds": pred_t, "targets": target_t, "confusion": confusion, "count": int(count)}
+        sums.add(logits.float(), target)
+        if keep_logits:
+            kept.append((logits.float().cpu(), target.cpu()))
+    sums.reduce(lambda t: all_reduce(t, dist))
+    metrics: dict[str, Any] = {"val_loss": sums.loss if sums.count else 0.0,
+                               "val_top1": sums.top1 if sums.count else 0.0}
+    if sums.topk is not None:
+        metrics["val_top5"] = sums.topk if sums.count else 0.0
+    metrics |= {"confusion": sums.matrix, "count": sums.count}
+    if keep_logits:
+        metrics["logits"] = torch.cat([x for x, _ in kept]) if kept else torch.zeros(0, num_classes)
+        metrics["targets"] = torch.cat([t for _, t in kept]) if kept else torch.zeros(0, dtype=torch.long)
+    return metrics
 
 
 # -------------------------------------------------------------------------------------- the run
