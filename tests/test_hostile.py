@@ -135,3 +135,137 @@ def test_names_that_are_not_utf8_round_trip_in_every_format(tiny_model_dir, tmp_
     assert [os.fsencode(r["source"]) for r in records] == [raw, b"imgs/gone\xff.png"]
     assert records[0]["error"] is None and records[1]["error"] == "no such file or directory"
     assert "imgs/gone\\xff.png: no such file or directory" in listed.stderr
+
+
+# ------------------------------------------------------------ item 1: two writers, one output
+
+
+@pytest.mark.parametrize("option", ["--output", "--csv"])
+def test_a_second_writer_of_an_output_fails_at_once_and_leaves_it_alone(tiny_model_dir, tmp_path, option):
+    import fcntl
+
+    make_image(tmp_path / "a.png")
+    out = tmp_path / ("out.jsonl" if option == "--output" else "out.csv")
+    so_far = ('{"source": "x.png", "predictions": [], "error": "gone"}\n' if out.suffix == ".jsonl"
+              else "source,rank,index,label,prob,error\nx.png,,,,,gone\n")  # what the first job wrote so far
+    with out.open("a") as first:
+        fcntl.flock(first.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # what the first vitcli job holds
+        first.write(so_far)
+        first.flush()
+
+        second = predict_tiny(tiny_model_dir, tmp_path / "a.png", option, out)
+
+        assert second.exit_code == 1
+        assert second.stderr.count("\n") == 1, second.stderr
+        assert f"'{out}' is being written by another vitcli job" in second.stderr
+        assert out.read_text() == so_far  # not truncated, not appended to
+    assert predict_tiny(tiny_model_dir, tmp_path / "a.png", "-o", tmp_path / "later.jsonl").exit_code == 0
+
+
+# ---------------------------------------------- item 2: a cut CSV record is redone, not skipped
+
+
+def test_a_csv_record_cut_between_its_rows_is_redone_on_resume(tiny_model_dir, tmp_path):
+    import csv
+
+    for i in range(3):
+        make_image(tmp_path / "imgs" / f"{i}.png", seed=i)
+    out = tmp_path / "out.csv"
+    whole = predict_tiny(tiny_model_dir, tmp_path / "imgs", "-o", out, "--top-k", "3")
+    assert whole.exit_code == 0, whole.output
+    expected = out.read_text()
+    lines = expected.splitlines(keepends=True)
+    assert len(lines) == 1 + 3 * 3
+    out.write_text("".join(lines[:1 + 3 + 1]))  # the disk filled after the first row of the second image
+
+    again = predict_tiny(tiny_model_dir, tmp_path / "imgs", "-o", out, "--top-k", "3")
+
+    assert again.exit_code == 0, again.output
+    assert "1 sources already done" in again.stderr
+    rows = list(csv.reader(out.open(newline="")))[1:]
+    assert [r[0] for r in rows] == [str(tmp_path / "imgs" / f"{i}.png") for i in range(3) for _ in range(3)]
+    assert out.read_text() == expected
+
+
+def test_a_csv_cut_inside_a_quoted_name_is_redone(tiny_model_dir, tmp_path):
+    image = make_image(tmp_path / "two\nlines.png")
+    out = tmp_path / "out.csv"
+    assert predict_tiny(tiny_model_dir, image, "-o", out).exit_code == 0
+    expected = out.read_bytes()
+    out.write_bytes(expected[:expected.index(b"\n", expected.index(b"two")) + 1])  # cut inside the quotes
+
+    again = predict_tiny(tiny_model_dir, image, "-o", out)
+
+    assert again.exit_code == 0, again.output
+    assert out.read_bytes() == expected
+
+
+# ------------------------------------------------- item 13: resume by (source, occurrence)
+
+
+def test_a_list_naming_one_image_many_times_resumes_to_the_uninterrupted_output(tiny_model_dir, tmp_path):
+    image = make_image(tmp_path / "a.png")
+    other = make_image(tmp_path / "b.png", seed=1)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{image}\n" if i % 3 else f"{other}\n" for i in range(20)))
+    whole, out = tmp_path / "whole.jsonl", tmp_path / "out.jsonl"
+    assert predict_tiny(tiny_model_dir, "--files-from", listing, "-o", whole).exit_code == 0
+    out.write_text("".join(whole.read_text().splitlines(keepends=True)[:8]))  # killed after 8 records
+
+    again = predict_tiny(tiny_model_dir, "--files-from", listing, "-o", out)
+
+    assert again.exit_code == 0, again.output
+    assert out.read_text() == whole.read_text()
+
+
+# --------------------------------------- items 3, 4, 16: finetune run folders that are not ours
+
+
+def finetune_args(tmp_path: Path, model: Path, *extra: str) -> list[str]:
+    for c, name in enumerate(["ants", "bees"]):
+        for i in range(4):
+            make_image(tmp_path / "data" / name / f"{i}.png", size=(40, 32), seed=10 * c + i)
+    return ["finetune", str(tmp_path / "data"), "--model", str(model), "--img-size", "64", "--batch-size", "4",
+            "--workers", "0", "--precision", "fp32", "--project", str(tmp_path / "victim"), *extra]
+
+
+def test_exist_ok_refuses_a_folder_that_no_vitcli_run_made_and_removes_nothing(tmp_path, tiny_model_dir):
+    notes = tmp_path / "victim" / "mydata" / "last" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("mine")
+
+    result = invoke(*finetune_args(tmp_path, tiny_model_dir, "--name", "mydata", "--exist-ok", "--max-steps", "1"))
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "has no vitcli args.json; nothing in it was removed" in result.stderr
+    assert notes.read_text() == "mine"
+
+
+def test_leftovers_of_a_save_cut_short_are_removed_and_named_on_resume(tmp_path, tiny_model_dir):
+    first = invoke(*finetune_args(tmp_path, tiny_model_dir, "--max-steps", "1"))
+    assert first.exit_code == 0, first.output
+    run = tmp_path / "victim" / "exp"
+    (run / ".state.pt.k3j9x_2a").write_bytes(b"\0" * 2_000_000)  # a kill -9 during torch.save
+    (run / ".best.x8w2q1ab").mkdir()  # ... or during a model folder's copy
+    (run / ".best.x8w2q1ab" / "model.safetensors").write_bytes(b"\0" * 1000)
+    (run / "notes.state.pt.txt").write_text("mine")
+
+    resumed = invoke("finetune", "--resume", str(run), "--max-steps", "2")
+
+    assert resumed.exit_code == 0, resumed.output
+    assert ".state.pt.k3j9x_2a (2.0 MB)" in resumed.stderr and ".best.x8w2q1ab (0.0 MB)" in resumed.stderr
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    assert (run / "notes.state.pt.txt").read_text() == "mine"
+
+
+def test_a_damaged_args_json_on_resume_is_one_line_naming_it(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text('{"config": {"data": ')
+    (run / "state.pt").write_bytes(b"")
+
+    result = invoke("finetune", "--resume", str(run))
+
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1
+    assert f"cannot resume: '{run / 'args.json'}' is damaged" in result.stderr and "internal" not in result.stderr

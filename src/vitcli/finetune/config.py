@@ -146,7 +146,15 @@ def resume_config(run_dir: str | Path, **given: Any) -> FinetuneConfig:
     if not (run_dir / STATE_FILE).is_file():
         raise UsageError(f"nothing to resume in '{run_dir}': it has no {STATE_FILE} (the run stopped "
                          "before its first step); start a new run")
-    saved = json.loads(args_file.read_text())["config"]
+    try:
+        saved = json.loads(args_file.read_text(encoding="utf-8"))["config"]
+        if not isinstance(saved, dict):
+            raise TypeError("config is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        from vitcli.errors import VitcliError, first_line
+
+        raise VitcliError(f"cannot resume: '{args_file}' is damaged ({first_line(e)}); start a new run, "
+                          f"with --model '{run_dir / 'last'}' to keep the weights trained so far") from e
     known = {f.name for f in fields(FinetuneConfig)}
     saved = {k: v for k, v in saved.items() if k in known}
     saved["max_steps"] = None  # a smoke-run limit holds for the invocation that gives it

@@ -317,6 +317,7 @@ def _fit(config: FinetuneConfig, callback: Callback | None, dist: Dist, device: 
         progress = rundir.load_state(state, parts)
     else:
         run_dir = on_rank0(lambda: rundir.new_run_dir(config), dist)
+    leftovers = on_rank0(lambda: rundir.remove_leftovers(run_dir), dist) or []  # of a run killed mid-save
     resolved = {"device": str(device), "precision": precision, "world_size": dist.world,
                 "steps_per_epoch": steps_per_epoch}
 
@@ -344,7 +345,8 @@ def _fit(config: FinetuneConfig, callback: Callback | None, dist: Dist, device: 
     with stop_on_signals() as stop:
         emit("start", {
             "run_dir": run_dir, "classes": classes, "train_counts": counts, "val_counts": data.counts("val"),
-            "layout": data.layout, "skipped": data.skipped, "warnings": data_warnings(data, config),
+            "layout": data.layout, "skipped": data.skipped, "warnings": data_warnings(data, config)
+            + [f"removed what a run killed while saving left: {', '.join(leftovers)}"] * bool(leftovers),
             "model": config.model, "arch": loaded.arch, "source": loaded.source,
             "input_size": data_config["input_size"], "device": str(device), "precision": precision,
             "world_size": dist.world, "epochs": config.epochs, "steps_per_epoch": steps_per_epoch,

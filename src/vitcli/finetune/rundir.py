@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,14 +132,25 @@ def new_run_dir(config: FinetuneConfig) -> Path:
 
     With ``exist_ok`` the folder is reused, and the files of a previous run in it are removed first
     (state.pt before anything else), so a later --resume cannot mix that run's state with this one's split.
+    Only a folder that a vitcli run made (it holds its args.json) or an empty one is reused: anything
+    else is refused, and nothing in it is touched.
     """
     project = Path(config.project).expanduser()
-    project.mkdir(parents=True, exist_ok=True)
+    try:
+        project.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"--project '{project}' is a file, not a folder; give another --project") from None
     base = config.name or "exp"
     if config.exist_ok:
-        (project / base).mkdir(exist_ok=True)
-        clear_run(project / base)
-        return project / base
+        folder = project / base
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"--exist-ok: '{folder}' is a file, not a run folder; give another --name")
+        folder.mkdir(exist_ok=True)
+        if not is_run_folder(folder) and any(folder.iterdir()):
+            raise UsageError(f"--exist-ok reuses only folders a vitcli run made, and '{folder}' has no vitcli "
+                             f"{ARGS_FILE}; nothing in it was removed: give another --name, or empty it yourself")
+        clear_run(folder)
+        return folder
     for n in range(1, 100_000):
         candidate = project / (base if n == 1 else f"{base}{n}")
         try:
@@ -147,6 +159,15 @@ def new_run_dir(config: FinetuneConfig) -> Path:
         except FileExistsError:
             continue
     raise UsageError(f"too many runs named '{base}' in '{project}'; use --name")
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds the args.json of a vitcli finetune run."""
+    try:
+        saved = json.loads((folder / ARGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and isinstance(saved.get("config"), dict) and "resolved" in saved
 
 
 def clear_run(run_dir: Path) -> list[str]:
@@ -162,6 +183,32 @@ def clear_run(run_dir: Path) -> list[str]:
                 shutil.rmtree(folder)
                 removed.append(folder.name)
     return list(dict.fromkeys(removed))
+
+
+# the temporary files of atomic_open (".state.pt.k3j9x_2a") and folders of temp_dir_beside (".best.x8w2q1ab")
+# beside what a run writes, and replace_dir's ".best.old": what a hard kill in the middle of a save leaves
+_LEFTOVER_FILE = re.compile(r"\.(?:" + "|".join(re.escape(name) for name in RUN_FILES) + r")\.\w+")
+_LEFTOVER_DIR = re.compile(r"\.(" + "|".join(MODEL_FOLDERS) + r")\.(\w+)")
+
+
+def remove_leftovers(run_dir: Path) -> list[str]:
+    """Remove the partial copies a run killed while saving left in ``run_dir`` (a 40 MB ``.state.pt.XXXX``,
+    a whole ``.best.XXXX`` folder); ``name (size)`` of each, for the user. A ``.best.old`` whose ``best/``
+    is missing is kept: ``fileio.recover_dir`` puts it back (call that first)."""
+    removed = []
+    for entry in sorted(run_dir.iterdir()) if run_dir.is_dir() else ():
+        if entry.is_file() and _LEFTOVER_FILE.fullmatch(entry.name):
+            size = entry.stat().st_size
+            entry.unlink()
+        elif entry.is_dir() and (match := _LEFTOVER_DIR.fullmatch(entry.name)):
+            if match.group(2) == "old" and not (run_dir / match.group(1)).is_dir():
+                continue
+            size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+            shutil.rmtree(entry)
+        else:
+            continue
+        removed.append(f"{entry.name} ({size / 1e6:.1f} MB)")
+    return removed
 
 
 def write_args(run_dir: Path, config: FinetuneConfig, loaded: LoadedModel, data_config: dict[str, Any],

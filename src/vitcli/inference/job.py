@@ -107,8 +107,9 @@ class PredictJob:
         """This job's items, lazily: its shard, less the sources already in ``--output``."""
         items: Iterable[Item] = (shard_items(lambda: input_items(self.inputs, self.files_from), self.shard)
                                  if self.shard is not None else input_items(self.inputs, self.files_from))
+        done = self.done.skipper()  # by occurrence: a source listed twice and done once is done once
         for item in items:
-            if len(self.done) and item_source(item) in self.done:
+            if len(self.done) and done(item_source(item)):
                 self.tally.skipped += 1
                 continue
             yield item

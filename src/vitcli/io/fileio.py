@@ -138,3 +138,25 @@ def replace_dir(new: str | Path, folder: str | Path) -> Path:
             new.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def lock_for_writing(stream: IO, path: str | Path) -> None:
+    """Take an exclusive lock on an open output file, or fail at once if another process holds one.
+
+    Two jobs appending to one ``--output`` would interleave their records and garble lines; the lock
+    (``flock``, released when the file is closed or the process dies) makes the second one stop before
+    it writes anything. File systems without locks (some network mounts) are written unlocked.
+    """
+    from vitcli.errors import VitcliError
+
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        return
+    try:
+        fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise VitcliError(f"'{path}' is being written by another vitcli job (it holds a lock on the file); "
+                          "wait until that job ends, or give another file name") from None
+    except OSError:
+        return

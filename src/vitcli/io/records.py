@@ -8,11 +8,13 @@ rerun skips them, and drops a partial last line that a killed process may have l
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -85,24 +87,35 @@ class CsvWriter:
 
 
 class CsvFile:
-    """``--csv FILE``: every record's rows, written batch by batch. The file is created (or replaced) at
-    the first record, so a job that fails before it has anything to write leaves an existing file alone."""
+    """``--csv FILE``: every record's rows, written batch by batch. The file is locked at once (a second
+    job writing it fails before it starts) and emptied at the first record, so a job that fails before it
+    has anything to write leaves an existing file alone."""
 
     def __init__(self, path: Path):
+        from vitcli.io.fileio import lock_for_writing
+
         self.path = Path(path)
-        self.stream: IO[str] | None = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        self.stream: IO[str] = self.path.open("a", newline="", encoding="utf-8", errors=NAME_ERRORS)
+        try:
+            lock_for_writing(self.stream, self.path)
+        except BaseException:
+            self.stream.close()
+            raise
+        self.created = created
         self.writer: CsvWriter | None = None
 
     def write(self, record: Prediction) -> None:
         if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.stream = self.path.open("w", newline="", encoding="utf-8", errors=NAME_ERRORS)
+            os.ftruncate(self.stream.fileno(), 0)  # appending (O_APPEND) from the start of the emptied file
             self.writer = CsvWriter(self.stream)
         self.writer.write(record)
 
     def close(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
+        self.stream.close()
+        if self.writer is None and self.created:  # nothing was written: leave no empty file behind
+            self.path.unlink(missing_ok=True)
 
 
 def writer_for(path: Path, stream: IO[str], header: bool = True) -> JsonlWriter | CsvWriter:
@@ -126,7 +139,8 @@ def source_key(source: str) -> int:
 
 
 class DoneSources:
-    """The sources already in an output file, as a sorted array of 64-bit digests: 8 MB per million.
+    """The records already in an output file: the sorted 64-bit digests of their sources and how many
+    records each source has (12 bytes per distinct source). A source listed n times is done n times.
 
     Two different sources share a digest with probability about n^2 / 2^65 (3e-8 for a million).
     """
@@ -134,19 +148,41 @@ class DoneSources:
     def __init__(self, sources: Iterable[str] = ()):
         import numpy as np
 
-        self._keys = np.unique(np.fromiter((source_key(s) for s in sources), dtype=np.uint64))
+        keys = np.fromiter((source_key(s) for s in sources), dtype=np.uint64)
+        self._keys, counts = np.unique(keys, return_counts=True)
+        self._counts = counts.astype(np.uint32)
 
     def __len__(self) -> int:
-        return int(self._keys.size)
+        """How many records: each occurrence of a source counts."""
+        return int(self._counts.sum())
 
-    def __contains__(self, source: str) -> bool:
+    def _index(self, source: str) -> int | None:
         import numpy as np
 
         if not self._keys.size:
-            return False
+            return None
         key = np.uint64(source_key(source))
         i = int(np.searchsorted(self._keys, key))
-        return i < self._keys.size and self._keys[i] == key
+        return i if i < self._keys.size and self._keys[i] == key else None
+
+    def __contains__(self, source: str) -> bool:
+        return self._index(source) is not None
+
+    def skipper(self) -> Callable[[str], bool]:
+        """For one pass over the inputs, in order: whether this occurrence of a source is already done
+        (the first n occurrences of a source with n records), so a resumed job equals an uninterrupted one."""
+        import numpy as np
+
+        seen = np.zeros(self._keys.size, dtype=np.uint32)
+
+        def done(source: str) -> bool:
+            i = self._index(source)
+            if i is None or seen[i] >= self._counts[i]:
+                return False
+            seen[i] += 1
+            return True
+
+        return done
 
 
 def recorded_sources(path: Path) -> Iterator[str]:
@@ -193,22 +229,50 @@ class OpenOutput:
 def open_output(path: str | Path, resume: bool = True) -> OpenOutput:
     """Open ``path`` (``.jsonl`` or ``.csv``) to append records; with ``resume``, skip what it holds.
 
-    A partial last line (a process killed in the middle of a write) is cut off first. Without
-    ``resume`` an existing file is started afresh.
+    The file is opened for appending and locked (``lock_for_writing``) before anything is read or cut,
+    so a second job on the same file fails at once. An unfinished record (a process killed, or a disk
+    that filled, in the middle of a write: a partial last line, or a CSV record with fewer rows than the
+    others) is cut off first. Without ``resume`` an existing file is emptied, after the lock is taken.
     """
+    from vitcli.io.fileio import lock_for_writing
+
     path = Path(path)
     fmt = output_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    existing = resume and path.is_file() and path.stat().st_size > 0
-    if existing:
-        _drop_partial_last_line(path)
-        done = DoneSources(recorded_sources(path))
-    else:
-        done = DoneSources()
-    stream = path.open("a" if existing else "w", newline="" if fmt == "csv" else None, encoding="utf-8",
-                       errors=NAME_ERRORS)
-    header = fmt == "csv" and stream.tell() == 0
+    stream = path.open("a", newline="" if fmt == "csv" else None, encoding="utf-8", errors=NAME_ERRORS)
+    try:
+        lock_for_writing(stream, path)
+        if not resume:
+            os.ftruncate(stream.fileno(), 0)
+        elif os.fstat(stream.fileno()).st_size > 0:
+            _check_ours(path, fmt)  # a file that is not ours is refused before anything is cut
+            _drop_partial_last_line(path)
+            if fmt == "csv":
+                _drop_unfinished_csv_record(path)
+        done = DoneSources(recorded_sources(path)) if resume and path.stat().st_size > 0 else DoneSources()
+    except BaseException:
+        stream.close()
+        raise
+    header = fmt == "csv" and os.fstat(stream.fileno()).st_size == 0
     return OpenOutput(path, stream, writer_for(path, stream, header), done)
+
+
+def _check_ours(path: Path, fmt: str) -> None:
+    """Raise UsageError unless the first line of ``path`` is a vitcli record (or CSV header), or unfinished."""
+    with path.open("rb") as f:
+        first = f.readline(1 << 20)
+    if first.endswith(b"\n"):
+        with contextlib.suppress(StopIteration):
+            next(recorded_sources(path) if fmt == "jsonl" else _csv_header_only(path))
+
+
+def _csv_header_only(path: Path) -> Iterator[str]:
+    with Path(path).open(newline="", encoding="utf-8", errors=NAME_ERRORS) as f:
+        header = next(csv.reader(f), None)
+    if header is not None and tuple(header) != CSV_HEADER:
+        raise UsageError(f"--output '{path}' is not a vitcli predictions CSV (header {','.join(header)}); "
+                         "give another file name, or remove the file to start over")
+    yield from ()
 
 
 def _drop_partial_last_line(path: Path) -> None:
@@ -231,3 +295,43 @@ def _drop_partial_last_line(path: Path) -> None:
                 return
             end = start
         f.truncate(0)
+
+
+def _drop_unfinished_csv_record(path: Path) -> None:
+    """Cut the last record of a predictions CSV if it is not whole: fewer rows than the record before it
+    (the rows of a record are written together, so only the last one can be cut), or a quoted field
+    that never ends. A last record with nothing to compare it with is cut too: redoing one image is
+    cheap, counting a cut record as done loses it."""
+    with path.open("rb") as f:
+        end = 0  # bytes read by the CSV reader so far: the end of the last whole row
+
+        def lines() -> Iterator[str]:
+            nonlocal end
+            for raw in f:
+                end += len(raw)
+                yield raw.decode("utf-8", NAME_ERRORS)
+
+        rows = csv.reader(lines())
+        keep = 0  # where the file is whole up to
+        last: tuple[str, int, int, bool] | None = None  # (source, start, rows, failed) of the last record
+        reference = None  # the row count of the last whole record with labels
+        try:
+            next(rows, None)  # the header (checked by recorded_sources)
+            keep = end
+            for row in rows:
+                failed = len(row) == len(CSV_HEADER) and row[1] == "" and row[5] != ""
+                if (last is not None and row and row[0] == last[0] and not last[3] and not failed
+                        and row[1] != "1"):  # the next label of the same record
+                    last = (last[0], last[1], last[2] + 1, failed)
+                else:
+                    if last is not None and not last[3]:
+                        reference = last[2]
+                    last = (row[0] if row else "", keep, 1, failed)
+                keep = end
+        except csv.Error:  # a quoted field cut at the end of the file
+            pass
+    if last is not None and not last[3] and last[2] != reference:
+        keep = last[1]
+    if keep < path.stat().st_size:
+        with path.open("rb+") as f:
+            f.truncate(keep)
