@@ -33,7 +33,7 @@ def markup_model_dir(tmp_path_factory) -> Path:
     import timm
     import torch
 
-    from vitcli.models.resolve import save_model_folder
+    from vitcli.models.folders import save_model_folder
 
     torch.manual_seed(0)
     model = timm.create_model("test_vit", pretrained=False, num_classes=3)
