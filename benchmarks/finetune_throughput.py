@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
 from vitcli.devices import autocast, resolve_device
-from vitcli.distributed import Dist
+from vitcli.distributed import Rank
 from vitcli.finetune.config import FinetuneConfig
 from vitcli.finetune.loop import build_parts, train_one_epoch
 
@@ -80,7 +80,7 @@ def main() -> None:
         bare_opt = create_optimizer_v2(bare_model, opt="adamw", lr=1e-4, weight_decay=0.05)
         config = FinetuneConfig(precision=precision, epochs=100)
         parts = build_parts(config, make_model(device), [1] * NUM_CLASSES, steps_per_epoch=args.steps,
-                            device=device, precision=precision, dist=Dist())
+                            device=device, precision=precision, dist=Rank())
         bare_round(bare_model, bare_opt, batches[:2], device, precision)  # warm-up (kernel selection)
         _, step = vitcli_round(parts, batches[:2], 0)
         bare, ours = [], []

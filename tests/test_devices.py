@@ -104,15 +104,15 @@ def test_fp16_training_gets_timms_grad_scaler():
     import timm
     from timm.utils import NativeScaler
 
-    from vitcli.distributed import Dist
+    from vitcli.distributed import Rank
     from vitcli.finetune.config import FinetuneConfig
     from vitcli.finetune.loop import build_parts
 
     model = timm.create_model("test_vit", num_classes=2)
     cpu = torch.device("cpu")
-    fp16 = build_parts(FinetuneConfig(), model, [1, 1], 2, cpu, "fp16", Dist())  # the scaler, built on any device
+    fp16 = build_parts(FinetuneConfig(), model, [1, 1], 2, cpu, "fp16", Rank())  # the scaler, built on any device
     assert isinstance(fp16.scaler, NativeScaler)
-    assert build_parts(FinetuneConfig(), model, [1, 1], 2, cpu, "bf16", Dist()).scaler is None
+    assert build_parts(FinetuneConfig(), model, [1, 1], 2, cpu, "bf16", Rank()).scaler is None
 
 
 def test_cuda_n_is_accepted_by_the_cli_and_a_gpu_the_machine_lacks_is_a_usage_error(tiny_model_dir, tmp_path,

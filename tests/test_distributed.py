@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from _finetune import class_folders
-from vitcli.distributed import Dist, on_every_rank, on_rank0
+from vitcli.distributed import Rank, on_every_rank, on_rank0
 from vitcli.errors import DatasetError
 
 # Each rank runs fit() through the Python API and writes what happened to RANK.json; rank 0 can be made to
@@ -87,10 +87,10 @@ def torchrun(tmp_path: Path, tiny_model_dir: Path, mode: str, data: Path) -> tup
 
 
 def test_one_process_runs_the_function_itself():
-    assert on_rank0(lambda: 7, Dist()) == 7
-    assert on_every_rank(lambda: 7, Dist()) == [7]
+    assert on_rank0(lambda: 7, Rank()) == 7
+    assert on_every_rank(lambda: 7, Rank()) == [7]
     with pytest.raises(DatasetError, match="bad"):
-        on_rank0(lambda: (_ for _ in ()).throw(DatasetError("bad")), Dist())
+        on_rank0(lambda: (_ for _ in ()).throw(DatasetError("bad")), Rank())
 
 
 @pytest.mark.parametrize("mode", ["setup", "step", "save"])

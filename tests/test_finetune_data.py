@@ -9,7 +9,7 @@ import torch
 
 from _finetune import Recorder, class_folders, config
 from conftest import make_image
-from vitcli.distributed import Dist
+from vitcli.distributed import Rank
 from vitcli.errors import DatasetError
 from vitcli.finetune.config import FinetuneConfig
 from vitcli.finetune.loop import fit
@@ -86,5 +86,5 @@ def test_imbalance_is_reported_and_can_be_balanced(tmp_path, tiny_model_dir):
     assert start["train_counts"] == [16, 4]
     assert any("--balance" in w for w in start["warnings"])
     model = timm.create_model("test_vit", num_classes=2)
-    parts = build_parts(FinetuneConfig(balance="loss"), model, [16, 4], 5, torch.device("cpu"), "fp32", Dist())
+    parts = build_parts(FinetuneConfig(balance="loss"), model, [16, 4], 5, torch.device("cpu"), "fp32", Rank())
     assert parts.loss_fn.weight.tolist() == [20 / 32, 20 / 8]  # inverse frequency, mean 1

@@ -298,7 +298,7 @@ def test_distilled_deit_trains_both_heads(tmp_path, data):
     assert len(classifier_heads(model)) == 2
     assert not any(p.any() for head in (model.head, model.head_dist) for p in head.parameters())
 
-    parts = build_parts(cfg, model, [6, 6], 3, torch.device("cpu"), "fp32", loop.Dist())
+    parts = build_parts(cfg, model, [6, 6], 3, torch.device("cpu"), "fp32", loop.Rank())
     lr_of = {id(p): group["lr"] for group in parts.optimizer.param_groups for p in group["params"]}
     assert lr_of[id(model.head_dist.weight)] == lr_of[id(model.head.weight)] == loop.current_lr(parts.optimizer)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vitcli.distributed import Dist
+from vitcli.distributed import Rank
 from vitcli.finetune.sampling import EpochSampler, rng_state, set_rng_state
 
 
@@ -25,12 +25,12 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_shards_ranks():
     assert list(a) != list(b)
     b.set_epoch(3, start=4)
     assert list(b) == list(a)[4:]
-    ranks = [EpochSampler(10, shuffle=True, seed=1, dist=Dist(r, r, 2)) for r in range(2)]
+    ranks = [EpochSampler(10, shuffle=True, seed=1, dist=Rank(r, r, 2)) for r in range(2)]
     for s in ranks:
         s.set_epoch(3)
     assert len(ranks[0]) == len(ranks[1]) == 5
     assert sorted(list(ranks[0]) + list(ranks[1])) == list(range(10))
-    val = [EpochSampler(5, shuffle=False, dist=Dist(r, r, 2), pad=False) for r in range(2)]
+    val = [EpochSampler(5, shuffle=False, dist=Rank(r, r, 2), pad=False) for r in range(2)]
     assert sorted(list(val[0]) + list(val[1])) == list(range(5))  # no duplicates in evaluation
 
 

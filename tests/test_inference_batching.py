@@ -94,9 +94,12 @@ def fake_machine(monkeypatch, tmp_path, cpu_count: int, affinity: int, cpu_max: 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
     monkeypatch.setattr(cpuinfo, "CGROUP_ROOT", root)
     if local_world is None:
-        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    else:
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+        for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            monkeypatch.delenv(var, raising=False)
+    else:  # as torchrun sets them, on the second of two such machines
+        for var, value in (("RANK", local_world), ("LOCAL_RANK", 0), ("WORLD_SIZE", 2 * local_world),
+                           ("LOCAL_WORLD_SIZE", local_world)):
+            monkeypatch.setenv(var, str(value))
 
 
 def test_default_workers_share_the_usable_cpus_among_the_ranks_on_this_machine(monkeypatch, tmp_path):

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from conftest import make_image
+from vitcli.distributed import Rank
 from vitcli.errors import UsageError
 from vitcli.inference.job import PredictJob, Tally, write_records
 from vitcli.inference.predict import Label, Prediction, PredictOptions
-from vitcli.inference.shards import Rank, Shard
+from vitcli.inference.shards import Shard
 from vitcli.io.records import JsonlWriter, from_json, open_output
 
 

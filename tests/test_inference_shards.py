@@ -6,9 +6,10 @@ from collections import deque
 
 import pytest
 
+from vitcli.distributed import Rank
 from vitcli.errors import UsageError
 from vitcli.inference.predict import Prediction
-from vitcli.inference.shards import Rank, Shard, rank_blocks, records_by_block, shard_items
+from vitcli.inference.shards import Shard, rank_blocks, records_by_block, shard_items
 
 
 @pytest.mark.parametrize("text", ["1", "2/2", "-1/2", "a/b", "0/0", "1/"])

@@ -1,4 +1,6 @@
-"""torchrun: this process's place in the job, the collectives fine-tuning uses, and shared failures.
+"""torchrun, in one place: this process's rank, the process groups, collectives, and failures shared by all ranks.
+
+No torch at import (the CLI reads the rank before any command imports torch).
 
 A failure on one rank must end every rank at once, with the error: work done by rank 0 alone (the
 run folder, saving) and work shared by every rank (the image check) go through ``on_rank0`` and
@@ -8,47 +10,99 @@ that, a rank that fails leaves the others in a collective until its timeout: 10 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
+from vitcli.errors import RankFailedError, UsageError, VitcliError, first_line
 
-from vitcli.devices import resolve_device
-from vitcli.errors import RankFailedError, VitcliError, first_line
-from vitcli.inference.shards import Rank as Dist  # one notion of a torchrun process for every command
-from vitcli.inference.shards import init_process_group, torchrun_rank
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
 
-def init_distributed(device: str) -> tuple[Dist, torch.device]:
+@dataclass(frozen=True)
+class Rank:
+    """This process's place among torchrun's processes (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    local_world: int = 1  # the processes on this machine
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def torchrun_rank() -> Rank:
+    """RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE as torchrun sets them: the one reading of them."""
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if world <= 1:
+        return Rank()
+    return Rank(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK") or 0), world,
+                int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+
+
+def init_process_group(device: str) -> tuple[Rank, str, Any]:
+    """Join torchrun's process group: nccl for CUDA devices, gloo for the CPU; plus a gloo group for
+    small Python objects (records), whatever the device. Returns (rank, this rank's device, group)."""
+    import torch
+    import torch.distributed as tdist
+
+    from vitcli.devices import resolve_device
+
+    rank = torchrun_rank()
+    want = resolve_device(device)
+    if want.type == "cuda":
+        torch.cuda.set_device(rank.local_rank)
+        tdist.init_process_group("nccl", rank=rank.rank, world_size=rank.world,
+                                 device_id=torch.device("cuda", rank.local_rank))
+        return rank, f"cuda:{rank.local_rank}", tdist.new_group(backend="gloo")
+    if want.type != "cpu":
+        raise UsageError(f"torchrun needs CUDA or CPU processes; --device {device} is not supported")
+    tdist.init_process_group("gloo", rank=rank.rank, world_size=rank.world)
+    return rank, "cpu", None
+
+
+def init_distributed(device: str) -> tuple[Rank, torch.device]:
     """Join the torchrun process group (nccl on CUDA, gloo on CPU) and pick this rank's device."""
+    import torch
+
+    from vitcli.devices import resolve_device
+
     dist = torchrun_rank()
     if not dist.enabled:
         return dist, resolve_device(device)
-    dist, this_device, _ = init_process_group(device)  # the same join as predict's and evaluate's
+    dist, this_device, _ = init_process_group(device)
     return dist, torch.device(this_device)
 
 
-def close_distributed(dist: Dist) -> None:
+def close_distributed(dist: Rank) -> None:
     if dist.enabled:
         import torch.distributed as tdist
 
         tdist.destroy_process_group()
 
 
-def broadcast(obj: T, dist: Dist) -> T:
-    """Rank 0's ``obj`` on every rank."""
+def broadcast(obj: T, dist: Rank, group: Any = None) -> T:
+    """Rank 0's ``obj`` on every rank (over ``group``, default the whole job)."""
     if not dist.enabled:
         return obj
     import torch.distributed as tdist
 
     box = [obj]
-    tdist.broadcast_object_list(box, src=0)
+    tdist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
-def all_gather(obj: T, dist: Dist) -> list[T]:
+def all_gather(obj: T, dist: Rank) -> list[T]:
     """Every rank's ``obj``, in rank order, on every rank."""
     if not dist.enabled:
         return [obj]
@@ -59,9 +113,10 @@ def all_gather(obj: T, dist: Dist) -> list[T]:
     return boxes
 
 
-def all_reduce(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+def all_reduce(t: torch.Tensor, dist: Rank) -> torch.Tensor:
     """Sum ``t`` over the ranks, in place (through the GPU under nccl, which reduces CUDA tensors only)."""
     if dist.enabled:
+        import torch
         import torch.distributed as tdist
 
         if tdist.get_backend() == "nccl" and t.device.type != "cuda":
@@ -85,7 +140,7 @@ def _outcome(fn: Callable[[], T]) -> tuple[Outcome, Exception | None]:
         return (False, None, message, getattr(e, "exit_code", 1)), e
 
 
-def _raise_first_failure(outcomes: list[Outcome], mine: Exception | None, dist: Dist) -> None:
+def _raise_first_failure(outcomes: list[Outcome], mine: Exception | None, dist: Rank) -> None:
     if mine is not None:
         raise mine  # this rank's own error, traceback and type intact
     for rank, (ok, _, message, code) in enumerate(outcomes):
@@ -93,7 +148,7 @@ def _raise_first_failure(outcomes: list[Outcome], mine: Exception | None, dist: 
             raise RankFailedError(f"rank {rank} of {dist.world} failed: {message}", code)
 
 
-def on_rank0(fn: Callable[[], T], dist: Dist) -> T:
+def on_rank0(fn: Callable[[], T], dist: Rank) -> T:
     """``fn()`` run on rank 0; its result on every rank, or its error (any exception) raised on every rank."""
     if not dist.enabled:
         return fn()
@@ -103,7 +158,7 @@ def on_rank0(fn: Callable[[], T], dist: Dist) -> T:
     return shared[1]
 
 
-def on_every_rank(fn: Callable[[], T], dist: Dist) -> list[T]:
+def on_every_rank(fn: Callable[[], T], dist: Rank) -> list[T]:
     """``fn()`` run on every rank; all the results in rank order, or the first error raised on every rank."""
     outcome, error = _outcome(fn)
     outcomes = all_gather(outcome, dist)
@@ -111,15 +166,19 @@ def on_every_rank(fn: Callable[[], T], dist: Dist) -> list[T]:
     return [result for _, result, _, _ in outcomes]
 
 
-def any_rank(flag: bool, dist: Dist) -> bool:
+def any_rank(flag: bool, dist: Rank) -> bool:
     """Whether ``flag`` is set on any rank (one small collective)."""
+    import torch
+
     return bool(all_reduce(torch.tensor([float(flag)]), dist).item() > 0)
 
 
 def share_step(loss: torch.Tensor | None, interrupt: bool, failure: Exception | None,
-               dist: Dist) -> tuple[float, bool]:
+               dist: Rank) -> tuple[float, bool]:
     """One collective per batch: the mean loss (for the NaN check), whether any rank was interrupted, and
     whether any rank failed (then every rank raises, the failed one its own error)."""
+    import torch
+
     if failure is not None and not dist.enabled:
         raise failure
     flags = torch.tensor([loss.item() if failure is None else 0.0, float(interrupt), float(failure is not None)])

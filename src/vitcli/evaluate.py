@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from vitcli.devices import autocast, resolve_device, resolve_precision
-from vitcli.distributed import Dist, close_distributed, init_distributed, on_every_rank
+from vitcli.distributed import Rank, close_distributed, init_distributed, on_every_rank
 from vitcli.errors import DatasetError, UsageError
 from vitcli.io.datasets import Sample, find_eval_dir, map_classes, scan_class_folders
 from vitcli.metrics import ClassMetrics, ReliabilityBin, ScoreSums, most_confused, per_class_metrics
@@ -135,7 +135,7 @@ def evaluate_model(
     precision: str = "auto",
     strict: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
-    dist: Dist | None = None,
+    dist: Rank | None = None,
     temperature: float | None = None,
     mistakes: int = MISTAKES,
     keep_logits: bool = False,
@@ -170,7 +170,7 @@ def evaluate_model(
     folder, samples = eval_samples(data_dir, loaded.labels, split)
     if strict:
         samples, _ = drop_unreadable(samples, strict=True)
-    dist = dist or Dist()
+    dist = dist or Rank()
     mine = samples[dist.rank::dist.world]  # strided: every rank gets a mix of the classes
 
     def score_mine() -> _Share:

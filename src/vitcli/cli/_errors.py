@@ -27,9 +27,10 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     prefixed with the rank, so a failure on rank 1 alone says why.
     """
     from vitcli.console import err
+    from vitcli.distributed import torchrun_rank
 
-    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else "0"
-    where = f"rank {rank}: " if rank != "0" else ""
+    rank = torchrun_rank().rank
+    where = f"rank {rank}: " if rank else ""
     quiet, err.quiet = err.quiet, False
     try:
         err.print(f"[bold red]Error:[/] {where}{message}", highlight=False, markup=True)

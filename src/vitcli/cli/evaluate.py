@@ -93,14 +93,13 @@ def evaluate(
     N-th image on its own device; the counts are summed and rank 0 reports the whole folder.
     """
     with handled_errors():
-        import os
-
         from vitcli.console import err
+        from vitcli.distributed import torchrun_rank
         from vitcli.evaluate import EvalRequest, run_evaluate
 
         request = EvalRequest(data, model, str(weights) if weights else None, split, batch_size, workers,
                               device, precision.value, strict, not no_calibration, mistakes)
-        main = os.environ.get("RANK", "0") == "0"
+        main = torchrun_rank().main
         status = err.status(f"loading {escape(model)}") if main else contextlib.nullcontext()
         status.__enter__()
 

@@ -7,7 +7,6 @@ given again from the rest.
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -156,8 +155,9 @@ def finetune(
     given = {key: value for key, value in locals().items() if value is not None}
     with handled_errors():
         from vitcli.console import err, out
+        from vitcli.distributed import torchrun_rank
 
-        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks for all
+        if not torchrun_rank().main:  # torchrun: rank 0 speaks for all
             err.quiet = out.quiet = True
         _run(given)
 

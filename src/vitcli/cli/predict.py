@@ -71,9 +71,10 @@ def predict(
     share on its own device and rank 0 writes every record, in input order.
     """
     with handled_errors():
+        from vitcli.distributed import torchrun_rank
         from vitcli.inference.job import PredictJob
         from vitcli.inference.predict import PredictOptions
-        from vitcli.inference.shards import Shard, torchrun_rank
+        from vitcli.inference.shards import Shard
 
         raw = list(inputs or [])
         if model == DEFAULT_MODEL and raw and raw[0].endswith(".onnx"):  # `vitcli predict model.onnx img.jpg`
@@ -95,7 +96,7 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
 
     group = None
     if job.rank.enabled:
-        from vitcli.inference.shards import broadcast, init_process_group
+        from vitcli.distributed import broadcast, init_process_group
 
         job.rank, device, group = init_process_group(options.device)
         options = dataclasses.replace(options, device=device)
@@ -106,7 +107,7 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
     try:
         job.open()
         if job.rank.enabled:
-            job.done = broadcast(job.done, group)
+            job.done = broadcast(job.done, job.rank, group)
         sinks: list[Any] = []
         if job.rank.main:
             from vitcli.cli._render import ErrorLines, ProgressSink, TableSink

@@ -14,6 +14,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from vitcli.distributed import torchrun_rank
 from vitcli.embedded import DEFAULT_MODEL
 from vitcli.errors import UsageError
 
@@ -140,7 +141,7 @@ def resume_config(run_dir: str | Path, **given: Any) -> FinetuneConfig:
     if not args_file.is_file():
         raise UsageError(f"--resume '{run_dir}' is not a finetune run folder (no {ARGS_FILE}); "
                          "give runs/finetune/NAME")
-    if os.environ.get("RANK", "0") == "0":  # under torchrun one process renames, not every rank at once
+    if torchrun_rank().main:  # under torchrun one process renames, not every rank at once
         for folder in ("best", "last"):
             recover_dir(run_dir / folder)  # a swap cut short by a hard kill
     if not (run_dir / STATE_FILE).is_file():

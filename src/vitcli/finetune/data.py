@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from vitcli.distributed import Dist, on_every_rank, on_rank0
+from vitcli.distributed import Rank, on_every_rank, on_rank0
 from vitcli.errors import DatasetError
 from vitcli.finetune.config import FinetuneConfig
 from vitcli.finetune.sampling import EpochSampler, seed_worker
@@ -19,7 +19,7 @@ from vitcli.io.datasets import FolderData, LabeledImages, discover, drop_unreada
 IMBALANCE_HINT_RATIO = 3.0  # max/min images per class above which a --balance hint is given
 
 
-def prepare_data(config: FinetuneConfig, dist: Dist) -> FolderData:
+def prepare_data(config: FinetuneConfig, dist: Rank) -> FolderData:
     """discover() the layout (rank 0; absolute paths), then decode every image once, each rank a slice:
     unreadable ones are skipped (or fatal with --strict). Every rank gets the same FolderData."""
     data = on_rank0(lambda: discover(os.path.abspath(Path(config.data).expanduser()), val_split=config.val_split,
@@ -57,7 +57,7 @@ def data_warnings(data: FolderData, config: FinetuneConfig) -> list[str]:
 
 
 def make_loaders(config: FinetuneConfig, data: FolderData, data_config: dict[str, Any], device: torch.device,
-                 dist: Dist) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader, EpochSampler]:
+                 dist: Rank) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader, EpochSampler]:
     """Train (augmented, seeded, this rank's share) and val loaders, and the train sampler."""
     from vitcli.io.transforms import eval_transform, train_transform
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from vitcli.devices import autocast, resolve_precision
 from vitcli.distributed import (
-    Dist,
+    Rank,
     all_reduce,
     any_rank,
     close_distributed,
@@ -67,7 +67,7 @@ class TrainParts:
     freeze: bool = False
     num_classes: int = 0
     label_smoothing: float = 0.0
-    dist: Dist = Dist()
+    dist: Rank = Rank()
 
     @property
     def raw_model(self) -> nn.Module:
@@ -83,7 +83,7 @@ class TrainParts:
 
 
 def build_parts(config: FinetuneConfig, model: nn.Module, counts: list[int], steps_per_epoch: int,
-                device: torch.device, precision: str, dist: Dist) -> TrainParts:
+                device: torch.device, precision: str, dist: Rank) -> TrainParts:
     """Optimizer, schedule, loss, mixup, EMA, loss scaling and (under torchrun) the DDP wrapper, all from timm."""
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
@@ -235,7 +235,7 @@ def _mix(parts: TrainParts, images: torch.Tensor, targets: torch.Tensor) -> tupl
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
-             device: torch.device, precision: str = "fp32", dist: Dist = Dist(),
+             device: torch.device, precision: str = "fp32", dist: Rank = Rank(),
              keep_logits: bool = False) -> dict[str, Any]:
     """Validation loss (plain cross-entropy), top-1 accuracy, top-5 where there are more than 5 classes
     (``val_top5`` is left out otherwise), and the confusion matrix: ``metrics.ScoreSums``, the counts
@@ -286,7 +286,7 @@ def fit(config: FinetuneConfig, callback: Callback | None = None) -> RunResult:
         close_distributed(dist)
 
 
-def _fit(config: FinetuneConfig, callback: Callback | None, dist: Dist, device: torch.device) -> RunResult:
+def _fit(config: FinetuneConfig, callback: Callback | None, dist: Rank, device: torch.device) -> RunResult:
     emit = callback or (lambda event, info: None)
     precision = resolve_precision(config.precision, device, training=True)
     resuming = config.resume is not None

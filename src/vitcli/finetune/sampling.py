@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitcli.distributed import Dist
+from vitcli.distributed import Rank
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -22,7 +22,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     """
 
     def __init__(self, size: int, *, shuffle: bool, weights: torch.Tensor | None = None, seed: int = 0,
-                 dist: Dist = Dist(), pad: bool = True):
+                 dist: Rank = Rank(), pad: bool = True):
         self.size, self.shuffle, self.weights, self.seed = size, shuffle, weights, seed
         self.dist, self.pad = dist, pad
         self.epoch, self.start = 0, 0

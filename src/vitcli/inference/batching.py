@@ -8,7 +8,6 @@ and run the model on it with their share of torch's threads (``scored_batches``;
 from __future__ import annotations
 
 import itertools
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -67,9 +66,10 @@ def default_workers(processes: int | None = None) -> int:
     (``cpuinfo.usable_cpus``: affinity set and cgroup quota) shared by ``processes``, the ranks on
     this machine (default: torchrun's LOCAL_WORLD_SIZE, else 1), at most 4 each."""
     from vitcli.cpuinfo import usable_cpus
+    from vitcli.distributed import torchrun_rank
 
     if processes is None:
-        processes = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+        processes = torchrun_rank().local_world
     return min(4, max(usable_cpus() // max(processes, 1), 1))
 
 

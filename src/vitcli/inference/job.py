@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vitcli.distributed import Rank
 from vitcli.errors import UsageError
 from vitcli.inference.predict import Prediction, PredictOptions, first_source, predict, with_input_problems
-from vitcli.inference.shards import Item, Rank, Shard, merged_records, rank_blocks, records_by_block, shard_items
+from vitcli.inference.shards import Item, Shard, merged_records, rank_blocks, records_by_block, shard_items
 from vitcli.io.records import DoneSources, OpenOutput, RecordSink, open_output
 
 if TYPE_CHECKING:

@@ -15,12 +15,12 @@ agent stops every worker when one exits with an error) or find the dead peer in 
 from __future__ import annotations
 
 import itertools
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from vitcli.distributed import Rank
 from vitcli.errors import UsageError
 from vitcli.inference.predict import Prediction
 
@@ -59,31 +59,6 @@ def shard_items(items: Callable[[], Iterable[Item]], shard: Shard) -> Iterator[I
 
 
 # ------------------------------------------------------------------------------------- torchrun
-
-
-@dataclass(frozen=True)
-class Rank:
-    """This process's place among torchrun's processes (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def torchrun_rank() -> Rank:
-    """RANK, LOCAL_RANK and WORLD_SIZE as torchrun sets them."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Rank()
-    return Rank(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world)
 
 
 def rank_blocks(items: Iterable[Item], rank: Rank, block: int,
@@ -132,33 +107,3 @@ def merged_records(blocks: Iterator[list[Prediction]], rank: Rank, group: Any = 
         dist.broadcast_object_list(finished, src=0, group=group)
         if finished[0]:
             return
-
-
-def init_process_group(device: str) -> tuple[Rank, str, Any]:
-    """Join torchrun's process group: nccl for CUDA devices, gloo for the CPU; plus a gloo group for
-    the records (small Python objects), whatever the device. Returns (rank, this rank's device, group)."""
-    import torch
-    import torch.distributed as dist
-
-    from vitcli.devices import resolve_device
-
-    rank = torchrun_rank()
-    want = resolve_device(device)
-    if want.type == "cuda":
-        torch.cuda.set_device(rank.local_rank)
-        dist.init_process_group("nccl", rank=rank.rank, world_size=rank.world,
-                                device_id=torch.device("cuda", rank.local_rank))
-        return rank, f"cuda:{rank.local_rank}", dist.new_group(backend="gloo")
-    if want.type != "cpu":
-        raise UsageError(f"torchrun needs CUDA or CPU processes; --device {device} is not supported")
-    dist.init_process_group("gloo", rank=rank.rank, world_size=rank.world)
-    return rank, "cpu", None
-
-
-def broadcast(obj: Any, group: Any = None) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=group)
-    return box[0]
