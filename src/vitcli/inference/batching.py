@@ -10,12 +10,12 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from vitcli.errors import ImageLoadError
+from vitcli.inference.pipeline import chunked, pipelined
 from vitcli.io.images import load_image
 
 
@@ -110,7 +110,8 @@ def scored_key_batches(dataset: Any, keys: Iterable[Any], batch_size: int, colla
     ``keys`` may be a lazy iterator of any length (``vitcli predict`` streams image paths through it):
     it is read only a few batches ahead of the results, which come in order.
 
-    On the CPU, with more than one thread, the work runs in per-core streams: ``workers`` threads
+    On the CPU, with more than one thread, the work runs in per-core streams (the streams of
+    ``vitcli.inference.pipeline.pipelined``): ``workers`` threads
     (default: torch's thread count) each decode a whole batch and run the model on it with an equal
     share of torch's threads (one each on a 2-core machine). ``batch_size`` is then the most images
     per batch: a job too small to give every stream full batches is cut into equal ones. No core
@@ -133,32 +134,16 @@ def scored_key_batches(dataset: Any, keys: Iterable[Any], batch_size: int, colla
     streams = min(streams, -(-n_head // batch_size)) if small else streams
     if small and streams >= 2:
         batch_size = -(-n_head // streams)
-    chunks = _chunks(itertools.chain(head, keys), batch_size)
+    chunks = chunked(itertools.chain(head, keys), batch_size)
     if device.type != "cpu" or streams < 2:
         yield from _scored_inline(dataset, chunks, collate, score, device, workers)
         return
 
-    def job(chunk: list[Any]) -> Any:
-        return score(collate([dataset[k] for k in chunk]))
-
     torch.set_num_threads(max(1, threads // streams))  # threads started from now on take this share
-    pool = ThreadPoolExecutor(streams, thread_name_prefix="vitcli-stream")
-    try:
-        pending = deque((chunk, pool.submit(job, chunk)) for chunk in itertools.islice(chunks, 2 * streams))
-        while pending:  # at most 2 batches per stream in flight, results in input order
-            chunk, future = pending.popleft()
-            result = future.result()
-            if (following := next(chunks, None)) is not None:
-                pending.append((following, pool.submit(job, following)))
-            yield chunk, result
+    try:  # at most 2 batches per stream in flight, results in input order
+        yield from pipelined(chunks, lambda chunk: collate([dataset[k] for k in chunk]), score, streams=streams)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
-
-
-def _chunks(keys: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    while chunk := list(itertools.islice(keys, size)):
-        yield chunk
 
 
 def _scored_inline(dataset: Any, chunks: Iterator[list[Any]], collate: Callable[[list], Any],
