@@ -47,7 +47,8 @@ from vitcli.inference.batching import ImageSourceDataset, collate_images, defaul
 from vitcli.inference.predict import PredictOptions, predict
 from vitcli.io.images import load_image
 from vitcli.io.inputs import expand_inputs
-from vitcli.io.transforms import draft_size_for, eval_pipeline, eval_transform
+from vitcli.io.preprocess import draft_size_for
+from vitcli.io.transforms import eval_pipeline, eval_transform
 from vitcli.models.resolve import load_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from conftest import TINY_LABELS, make_image
 from vitcli.cli.app import app
-from vitcli.inference.onnx_engine import load_onnx, predict_onnx, preprocess
+from vitcli.inference.onnx_engine import load_onnx, predict_onnx
+from vitcli.io.preprocess import preprocess
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,8 @@ from conftest import make_image
 from vitcli.errors import UsageError
 from vitcli.io.images import load_image
 from vitcli.io.inputs import expand_inputs, read_path_list
-from vitcli.io.transforms import draft_size_for, eval_transform
+from vitcli.io.preprocess import draft_size_for
+from vitcli.io.transforms import eval_transform
 
 # ------------------------------------------------------------------------------ input expansion
 
@@ -116,7 +117,8 @@ def test_draft_size_covers_the_resize_before_the_center_crop():
     config = {"input_size": (3, 224, 224), "crop_pct": 0.875}
 
     assert draft_size_for(config) == (257, 257)  # 224 / 0.875 = 256, plus one for rounding
-    assert draft_size_for({"input_size": (3, 160, 320), "crop_pct": None}) == (321, 321)
+    # no crop_pct: timm's eval transform uses DEFAULT_CROP_PCT (0.875), so the draft must cover 320 / 0.875 = 365
+    assert draft_size_for({"input_size": (3, 160, 320), "crop_pct": None}) == (366, 366)
 
 
 def test_eval_transform_follows_the_model_data_config(tmp_path):

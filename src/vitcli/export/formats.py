@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from vitcli import __version__
+from vitcli.io.preprocess import DATA_KEYS
 from vitcli.models.folders import save_model_folder
 
 if TYPE_CHECKING:
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2", "timm": "-timm"}
 METADATA_FILE = "vitcli.json"  # inside .pt/.pt2 archives, and the name of the timm folder's copy
 MAX_BATCH = 4096
-DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
 
 
 def patch_size(model: torch.nn.Module) -> int | None:

@@ -11,9 +11,9 @@ from PIL import Image
 
 from vitcli.errors import ImageLoadError, UsageError
 from vitcli.export.quantize import mean_kl, top1_agreement
-from vitcli.inference.onnx_engine import preprocess
 from vitcli.io.images import load_image
 from vitcli.io.inputs import expand_inputs
+from vitcli.io.preprocess import preprocess
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples"  # the repository's example images, if any
 GENERATED_IMAGES = 12

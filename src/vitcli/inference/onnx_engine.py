@@ -2,38 +2,27 @@
 
 ``vitcli predict model.onnx`` runs through here and never imports torch or timm, so it starts in a
 fraction of a second. Labels and preprocessing come from the file's own metadata (written by
-``vitcli.export.job``); ``preprocess`` reproduces timm's eval transform (``transforms_imagenet_eval``)
-step for step on PIL images, so the pixels fed to the network equal timm's exactly.
+``vitcli.export.job``); ``vitcli.io.preprocess`` reproduces timm's eval transform step for step on
+PIL images, so the pixels fed to the network equal timm's exactly.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from vitcli.cpuinfo import usable_cpus
 from vitcli.errors import ImageLoadError, MissingExtraError, ModelLoadError, UsageError
 from vitcli.io.images import load_image
+from vitcli.io.preprocess import DATA_KEYS, preprocess
 
 INSTALL_HINT = 'ONNX support needs the export extra: pip install -e ".[export]"'
-DEFAULT_CROP_PCT = 0.875  # timm.data.DEFAULT_CROP_PCT (not imported: timm pulls in torch)
-DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode", "crop_border_pixels")
-PIL_INTERPOLATION = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-    "lanczos": Image.Resampling.LANCZOS,
-}
 
 
 def import_onnxruntime() -> Any:
@@ -43,76 +32,6 @@ def import_onnxruntime() -> Any:
     except ImportError as e:
         raise MissingExtraError(INSTALL_HINT) from e
     return onnxruntime
-
-
-# -------------------------------------------------------------------------- preprocessing
-
-
-def preprocess(img: Image.Image, config: dict[str, Any]) -> np.ndarray:
-    """An RGB PIL image -> float32 (3, H, W), equal to timm's eval transform for ``config``.
-
-    ``config`` is a timm data config: input_size, interpolation, mean, std, crop_pct, crop_mode,
-    and optionally crop_border_pixels. Kept here rather than calling timm so that ONNX inference
-    needs no torch; tests compare it with ``timm.data.create_transform`` pixel for pixel.
-    """
-    _, height, width = config["input_size"]
-    crop_pct = config.get("crop_pct") or DEFAULT_CROP_PCT
-    crop_mode = config.get("crop_mode") or "center"
-    resample = PIL_INTERPOLATION[config.get("interpolation") or "bilinear"]
-    scale_h, scale_w = math.floor(height / crop_pct), math.floor(width / crop_pct)
-    if border := config.get("crop_border_pixels"):
-        img = img.crop((border, border, img.width - border, img.height - border))  # timm's TrimBorder
-    if crop_mode == "squash":
-        img = _resize(img, (scale_h, scale_w), resample)
-        img = _center_crop(img, (height, width))
-    elif crop_mode == "border":
-        img = _resize(img, _keep_ratio_size(img, (scale_h, scale_w), longest=1.0), resample)
-        img = _center_crop(img, (height, width), fill=tuple(round(255 * v) for v in config["mean"]))
-    else:  # "center"
-        if scale_h == scale_w:  # torchvision's Resize(int): shorter side to scale, int() of the longer
-            short, long = sorted((img.width, img.height))
-            new_short, new_long = scale_h, int(scale_h * long / short)
-            size = (new_long, new_short) if img.width <= img.height else (new_short, new_long)
-        else:
-            size = _keep_ratio_size(img, (scale_h, scale_w), longest=0.0)
-        img = _resize(img, size, resample)
-        img = _center_crop(img, (height, width))
-    x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)  # (H, W, 3), as ToTensor
-    mean = np.asarray(config["mean"], dtype=np.float32)
-    std = np.asarray(config["std"], dtype=np.float32)
-    return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))  # (3, H, W), as Normalize
-
-
-def _resize(img: Image.Image, size: tuple[int, int], resample: Image.Resampling) -> Image.Image:
-    """Resize to (height, width) as torchvision's PIL resize does (unchanged when already that size)."""
-    height, width = size
-    if (img.height, img.width) == (height, width):
-        return img
-    return img.resize((width, height), resample)
-
-
-def _keep_ratio_size(img: Image.Image, target: tuple[int, int], longest: float) -> tuple[int, int]:
-    """timm's ``ResizeKeepRatio.get_params`` without its random parts: (height, width)."""
-    ratio_h, ratio_w = img.height / target[0], img.width / target[1]
-    ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
-    return round(img.height / ratio), round(img.width / ratio)
-
-
-def _center_crop(img: Image.Image, size: tuple[int, int], fill: Any = 0) -> Image.Image:
-    """torchvision's ``center_crop`` (zero padding where the image is smaller; timm's CenterCropOrPad
-    pads with ``fill``)."""
-    crop_h, crop_w = size
-    if crop_w > img.width or crop_h > img.height:
-        left, top = max(crop_w - img.width, 0) // 2, max(crop_h - img.height, 0) // 2
-        padded = Image.new("RGB", (max(crop_w, img.width), max(crop_h, img.height)),
-                           fill if isinstance(fill, tuple) else (fill,) * 3)
-        padded.paste(img, (left, top))
-        img = padded
-        if (img.width, img.height) == (crop_w, crop_h):
-            return img
-    top = int(round((img.height - crop_h) / 2.0))
-    left = int(round((img.width - crop_w) / 2.0))
-    return img.crop((left, top, left + crop_w, top + crop_h))
 
 
 # ---------------------------------------------------------------------------------- the model

@@ -79,7 +79,8 @@ def predict(loaded: LoadedModel, sources: Iterable[str], options: PredictOptions
 
     from vitcli.devices import autocast, resolve_device, resolve_precision
     from vitcli.inference.batching import SourceImages, collate_images, scored_key_batches
-    from vitcli.io.transforms import draft_size_for, eval_pipeline
+    from vitcli.io.preprocess import draft_size_for
+    from vitcli.io.transforms import eval_pipeline
 
     if options.top_k < 1:
         raise UsageError("--top-k must be at least 1")

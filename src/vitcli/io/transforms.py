@@ -29,14 +29,6 @@ def train_transform(data_config: dict[str, Any], **overrides: Any) -> Callable[[
     return create_transform(**data_config, is_training=True, **overrides)
 
 
-def draft_size_for(data_config: dict[str, Any]) -> tuple[int, int]:
-    """The smallest decode size that keeps the eval resize a downscale (no upsampling)."""
-    _, height, width = data_config["input_size"]
-    crop_pct = data_config.get("crop_pct") or 1.0
-    side = int(max(height, width) / crop_pct) + 1
-    return side, side
-
-
 # ------------------------------------------------------------------ batched eval preprocessing
 
 
