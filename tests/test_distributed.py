@@ -45,6 +45,20 @@ if rank == 0 and mode == "setup":
     fdata.discover = boom
 elif rank == 0 and mode == "save":
     rundir.save_model = boom
+elif rank == 0 and mode == "validate":
+    make = loop.make_loaders
+
+    def failing_val(*args, **kwargs):
+        train, val, sampler = make(*args, **kwargs)
+
+        class Failing:
+            def __iter__(self):
+                yield next(iter(val))
+                raise RuntimeError("disk on fire")
+
+        return train, Failing(), sampler
+
+    loop.make_loaders = failing_val
 elif rank == 0 and mode == "step":
     build = loop.build_parts
 
@@ -93,7 +107,7 @@ def test_one_process_runs_the_function_itself():
         on_rank0(lambda: (_ for _ in ()).throw(DatasetError("bad")), Rank())
 
 
-@pytest.mark.parametrize("mode", ["setup", "step", "save"])
+@pytest.mark.parametrize("mode", ["setup", "step", "validate", "save"])
 def test_a_plain_exception_on_rank_0_ends_every_rank_at_once_with_the_error(tmp_path, tiny_model_dir, mode):
     """Rank 0 fails with a RuntimeError while rank 1 waits in a collective: both stop within seconds (the
     collective timeout is 30 minutes), rank 1 with rank 0's error rather than a lost connection."""

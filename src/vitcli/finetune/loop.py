@@ -32,6 +32,7 @@ from vitcli.distributed import (
     any_rank,
     close_distributed,
     init_distributed,
+    on_every_rank,
     on_rank0,
     share_step,
 )
@@ -247,13 +248,18 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     model.eval()
     sums = ScoreSums(num_classes)
     kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for images, target in batches:
-        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = model(images)  # (B, C)
-        sums.add(logits.float(), target)
-        if keep_logits:
-            kept.append((logits.float().cpu(), target.cpu()))
+
+    def score_my_share() -> None:
+        for images, target in batches:
+            images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = model(images)  # (B, C)
+            sums.add(logits.float(), target)
+            if keep_logits:
+                kept.append((logits.float().cpu(), target.cpu()))
+
+    # a failure on one rank (a decode error, out of memory) reaches every rank before the sums are reduced
+    on_every_rank(score_my_share, dist)
     sums.reduce(lambda t: all_reduce(t, dist))
     metrics: dict[str, Any] = {"val_loss": sums.loss if sums.count else 0.0,
                                "val_top1": sums.top1 if sums.count else 0.0}
