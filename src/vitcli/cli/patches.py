@@ -53,17 +53,29 @@ def patches(
     max_images: Annotated[int, typer.Option(
         "--max-images", min=1, help="Images of a folder averaged for the mean attention distance.")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 16,
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="Why this class: gradient-weighted attention rollout (Chefer et al. 2021) beside plain "
+                          "rollout, scored by token deletion and insertion against a random order.")] = False,
+    class_: Annotated[str | None, typer.Option(
+        "--class", help="Class to explain, by label or index (implies --explain; default: the top-1).",
+        show_default=False)] = None,
+    steps: Annotated[int, typer.Option(
+        "--steps", min=1, help="Points on the deletion and insertion curves after the first (--explain).")] = 15,
     json_out: JsonOpt = False,
 ) -> None:
     """Show how a ViT cuts an image into patch tokens: the grid, the token sequence and the arithmetic.
 
     Example: vitcli patches cat.jpg --model deit_tiny_patch16_224 --attention --layer 12 --head 3
 
+    Example: vitcli patches corgi.jpg --explain --class "Pembroke"
+
     Writes patches.png and tokens.png (with --attention also attention.png and rollout.png, with
-    --figure7 figure7.png) into --out. --json prints one JSON document with model, input_size,
-    patch_size, grid, num_patches, prefix_tokens, sequence_length, embed_dim, depth, num_heads,
-    files; --attention adds predictions and rollout, --figure7 mean_attention_distance (pixels).
-    Layers and heads are numbered from 1. CNNs have no tokens: exit 2.
+    --explain explain.png and faithfulness.png, with --figure7 figure7.png) into --out. --json
+    prints one JSON document with model, input_size, patch_size, grid, num_patches, prefix_tokens,
+    sequence_length, embed_dim, depth, num_heads, files; --attention adds predictions and rollout,
+    --explain predictions and explain (class, relevance, rollout, faithfulness with each curve's
+    auc), --figure7 mean_attention_distance (pixels). Layers and heads are numbered from 1. CNNs
+    have no tokens, and models without one token-to-token attention map cannot be explained: exit 2.
     """
     with handled_errors():
         from vitcli.explain.patches import PatchesOptions, explain_image
@@ -72,7 +84,8 @@ def patches(
             model=model, weights=weights, pretrained=not no_pretrained, img_size=_parse_size(img_size), out_dir=out,
             attention=attention, layers=layer or None, heads=head or None, head_fusion=head_fusion.value,
             discard_ratio=discard_ratio, top_k=top_k, figure7=figure7, components=components,
-            max_images=max_images, batch_size=batch_size)
+            max_images=max_images, batch_size=batch_size, explain=explain or class_ is not None,
+            explain_class=class_, steps=steps)
         report = explain_image(image, options)
         _render(report, json_out)
 
@@ -115,6 +128,8 @@ def _render(report, json_out: bool) -> None:
         for p in report.predictions:
             preds.add_row(str(p.rank), escape(p.label), f"{p.prob:.4f}")
         out.print(preds)
+    if report.explained is not None:
+        _render_explained(report, out)
     if report.mean_attention_distance:
         rows = report.mean_attention_distance
         means = ", ".join(f"{sum(r) / len(r):.0f}" for r in rows)
@@ -122,3 +137,25 @@ def _render(report, json_out: bool) -> None:
     for note in report.notes:
         err.print(f"note: {escape(note)}", highlight=False)
     out.print("wrote " + ", ".join(escape(str(f)) for f in report.files), highlight=False)
+
+
+def _render_explained(report, out) -> None:
+    from rich.table import Table
+
+    from vitcli.cli._render import escape
+
+    e = report.explained
+    label = escape(report.explained_label)
+    out.print(f"explained class: {label} (index {e.target}, p = {e.probability:.4f})", highlight=False)
+    if e.curves is None:
+        return
+    names = {"gradient_rollout": "gradient rollout", "rollout": "rollout", "random": f"random ({e.curves.seeds} seeds)"}
+    table = Table(title=f"faithfulness: probability of {label} as patch tokens are deleted or inserted "
+                        f"({len(e.curves.fractions) - 1} steps)", header_style="bold", title_justify="left")
+    table.add_column("map")
+    table.add_column("deletion AUC (lower = faithful)", justify="right")
+    table.add_column("insertion AUC (higher = faithful)", justify="right")
+    deletion, insertion = e.curves.auc("deletion"), e.curves.auc("insertion")
+    for method, area in deletion.items():
+        table.add_row(names.get(method, method), f"{area:.3f}", f"{insertion[method]:.3f}")
+    out.print(table)

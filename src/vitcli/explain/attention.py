@@ -48,21 +48,24 @@ def unfused_attention() -> Iterator[None]:
         config._USE_FUSED_ATTN = saved
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Each block's attention module, in depth order, or raise why this model has no token map."""
+def attention_modules(model: nn.Module, option: str = "--attention") -> list[nn.Module]:
+    """Each block's attention module, in depth order, or raise why this model has no token map.
+
+    ``option`` names what was asked for (``--attention``, ``--explain``) in the refusal.
+    """
     module = type(model).__module__.rsplit(".", 1)[-1].lower()
     for family, reason in _UNSUPPORTED.items():
         if module.startswith(family):
-            raise AttentionUnavailableError(f"--attention is not available for {type(model).__name__}: {reason}; "
-                                            "the patch view (without --attention) still works")
+            raise AttentionUnavailableError(f"{option} is not available for {type(model).__name__}: {reason}; "
+                                            f"the patch view (without {option}) still works")
     if getattr(model, "attn_pool", None) is not None:
         raise AttentionUnavailableError(
-            f"--attention is not available for {type(model).__name__} with an attention-pool head (SigLIP-style "
+            f"{option} is not available for {type(model).__name__} with an attention-pool head (SigLIP-style "
             "'map' pooling): the class comes from the pool's own query, which no token map shows")
     blocks = getattr(model, "blocks", None)
     attns = [getattr(b, "attn", None) for b in blocks] if blocks is not None else []
     if not attns or any(a is None or not isinstance(getattr(a, "attn_drop", None), nn.Module) for a in attns):
-        raise AttentionUnavailableError(f"--attention needs a ViT whose blocks use timm's Attention module; "
+        raise AttentionUnavailableError(f"{option} needs a ViT whose blocks use timm's Attention module; "
                                         f"{type(model).__name__} does not expose its attention weights")
     if any(getattr(a, "fused_attn", False) for a in attns):
         raise AttentionUnavailableError("the model was built with fused attention, which never materialises "

@@ -35,13 +35,20 @@ def display_pixels(x: Any, data_config: dict[str, Any]) -> np.ndarray:
     return arr[:3].transpose(1, 2, 0)
 
 
-def _figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib Figure (object API, constrained layout), for ``save_figure``."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _image_inches(pixels: np.ndarray, longest: float = 7.0) -> tuple[float, float]:
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG, atomically, at the DPI of every vitcli figure."""
+    return _save(fig, path)
+
+
+def image_inches(pixels: np.ndarray, longest: float = 7.0) -> tuple[float, float]:
+    """(width, height) in inches for an image drawn with its longest side ``longest`` inches."""
     h, w = pixels.shape[:2]
     return (longest, longest * h / w) if w >= h else (longest * w / h, longest)
 
@@ -62,8 +69,8 @@ def save_patch_grid(pixels: np.ndarray, layout: TokenLayout, path: Path) -> Path
 
     h, w = pixels.shape[:2]
     (ph, pw), (rows, cols) = layout.patch_size, layout.grid
-    width, height = _image_inches(pixels)
-    fig = _figure(width, height + 1.0)
+    width, height = image_inches(pixels)
+    fig = new_figure(width, height + 1.0)
     ax = fig.subplots()
     ax.imshow(pixels, extent=(0, w, h, 0), interpolation="nearest")
     line = 0.8 if max(rows, cols) <= 40 else 0.4
@@ -103,7 +110,7 @@ def save_token_strip(pixels: np.ndarray, layout: TokenLayout, path: Path) -> Pat
     budget = max(STRIP_MAX_TOKENS - layout.prefix_tokens, 8)
     shown: list[int | None] = list(range(n)) if n <= budget else [*range(budget - 5), None, *range(n - 4, n)]
     slots = layout.prefix_names + shown  # str: prefix token; int: patch; None: ellipsis
-    fig = _figure(max(6.0, 0.52 * len(slots) + 0.6), 1.9)
+    fig = new_figure(max(6.0, 0.52 * len(slots) + 0.6), 1.9)
     ax = fig.subplots()
     colours = {"CLS": "#d62728", "DIST": "#9467bd"}
     for k, slot in enumerate(slots):
@@ -131,7 +138,8 @@ def save_token_strip(pixels: np.ndarray, layout: TokenLayout, path: Path) -> Pat
 # ----------------------------------------------------------------------------------- attention
 
 
-def _blend(pixels: np.ndarray, heat: np.ndarray, layout: TokenLayout, norm: Any, size: tuple[int, int]) -> np.ndarray:
+def blend_heat(pixels: np.ndarray, heat: np.ndarray, layout: TokenLayout, norm: Any,
+               size: tuple[int, int]) -> np.ndarray:
     """The image resized to ``size`` (h, w) with a (rows, cols) heatmap blended over its patches."""
     from matplotlib import colormaps
     from PIL import Image
@@ -148,7 +156,8 @@ def _blend(pixels: np.ndarray, heat: np.ndarray, layout: TokenLayout, norm: Any,
     return base * (1 - alpha) + rgb * alpha
 
 
-def _heat_norm(values: np.ndarray) -> Any:
+def heat_norm(values: np.ndarray) -> Any:
+    """Colour scale for maps in units of the uniform share: 0 to the 99.5th percentile (at least 2)."""
     from matplotlib.colors import Normalize
 
     return Normalize(vmin=0.0, vmax=max(float(np.percentile(values, 99.5)), 2.0))  # uniform (1) stays mid-scale
@@ -171,15 +180,15 @@ def save_attention_grid(pixels: np.ndarray, maps: Any, layers: Sequence[int], he
     tile_w = int(min(w, max(96, 1400 // max(n_cols, 1))))
     tile_h = max(1, round(tile_w * h / w))
     gap = 4
-    norm = _heat_norm(values)
+    norm = heat_norm(values)
     mosaic = np.ones((n_rows * (tile_h + gap) - gap, n_cols * (tile_w + gap) - gap, 3))
     for i in range(n_rows):
         for j in range(n_cols):
             y, x = i * (tile_h + gap), j * (tile_w + gap)
-            mosaic[y:y + tile_h, x:x + tile_w] = _blend(pixels, values[i, j], layout, norm, (tile_h, tile_w))
+            mosaic[y:y + tile_h, x:x + tile_w] = blend_heat(pixels, values[i, j], layout, norm, (tile_h, tile_w))
     # inches per tile: large for one map, at most 14 in of tiles across and 18 in down (ViT-B: 12 x 12 tiles)
     tile_in = 5.5 if n_rows * n_cols == 1 else min(1.8, 14.0 / n_cols, 18.0 / (n_rows * h / w))
-    fig = _figure(n_cols * tile_in + 3.2, max(n_rows * tile_in * h / w + 1.3, 4.0))  # room for the colour bar
+    fig = new_figure(n_cols * tile_in + 3.2, max(n_rows * tile_in * h / w + 1.3, 4.0))  # room for the colour bar
     ax = fig.subplots()
     ax.imshow(mosaic, interpolation="bilinear" if n_rows * n_cols > 1 else "nearest")
     ax.set_xticks([j * (tile_w + gap) + tile_w / 2 for j in range(n_cols)], [f"head {k}" for k in heads])
@@ -205,13 +214,13 @@ def save_rollout(pixels: np.ndarray, rollout: Any, layout: TokenLayout, head_fus
 
     values = np.asarray(rollout, dtype=np.float64) * layout.num_patches
     h, w = pixels.shape[:2]
-    norm = _heat_norm(values)
-    width, height = _image_inches(pixels, 5.0)
-    fig = _figure(2 * width + 1.4, height + 1.2)
+    norm = heat_norm(values)
+    width, height = image_inches(pixels, 5.0)
+    fig = new_figure(2 * width + 1.4, height + 1.2)
     left, right = fig.subplots(1, 2)
     left.imshow(pixels, interpolation="nearest")
     left.set_title("model input", fontsize=10)
-    right.imshow(_blend(pixels, values, layout, norm, (h, w)), interpolation="nearest")
+    right.imshow(blend_heat(pixels, values, layout, norm, (h, w)), interpolation="nearest")
     discard = f", lowest {discard_ratio:.0%} discarded" if discard_ratio > 0 else ""
     right.set_title(f"rollout over {layout.depth} layers, {layout.grid[0]}x{layout.grid[1]} tokens "
                     f"(heads: {head_fusion}{discard})", fontsize=10)
@@ -268,7 +277,7 @@ def save_figure7(components: Any, similarity: Any, distance: Any, layout: TokenL
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    fig = _figure(17.0, 6.0)
+    fig = new_figure(17.0, 6.0)
     left, centre, right = fig.subplots(1, 3, width_ratios=[1.0, 1.15, 1.0])
     if isinstance(components, str):
         _message(left, components, "RGB embedding filters")

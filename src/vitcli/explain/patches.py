@@ -1,7 +1,8 @@
 """The `vitcli patches` job: load the model, preprocess as predict does, measure, draw. Never prints.
 
 ``explain_image(source, options)`` returns a ``PatchesReport`` with the token layout, the PNGs it
-wrote and the numbers behind them (predictions, rollout, mean attention distance).
+wrote and the numbers behind them (predictions, rollout, mean attention distance, and with
+``explain`` the class map and its deletion/insertion scores).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from vitcli.explain.attention import (
     AttentionCapture,
     attention_modules,
     patch_distances,
+    patch_share,
     unfused_attention,
 )
+from vitcli.explain.faithfulness import DEFAULT_STEPS, require_token_pieces
 from vitcli.explain.tokens import (
     TokenLayout,
     describe_tokens,
@@ -52,6 +55,9 @@ class PatchesOptions:
     components: int = DEFAULT_COMPONENTS
     max_images: int = DEFAULT_MAX_IMAGES
     batch_size: int = 16
+    explain: bool = False
+    explain_class: str | None = None  # a label or an index; None: the top-1
+    steps: int = DEFAULT_STEPS
 
 
 @dataclass
@@ -65,6 +71,8 @@ class PatchesReport:
     mean_attention_distance: list[list[float]] | None = None  # L x h, input pixels
     images_averaged: int = 0
     notes: list[str] = field(default_factory=list)
+    explained: Any = None  # vitcli.explain.faithfulness.ClassExplanation
+    explained_label: str = ""
 
     def to_json(self) -> dict[str, Any]:
         t = self.layout
@@ -82,6 +90,12 @@ class PatchesReport:
         if self.mean_attention_distance is not None:
             doc["mean_attention_distance"] = self.mean_attention_distance
             doc["images_averaged"] = self.images_averaged
+        if self.explained is not None:
+            e, grid = self.explained, self.layout.grid
+            doc["explain"] = {
+                "class": {"index": e.target, "label": self.explained_label, "prob": e.probability},
+                "relevance": e.gradient_map.reshape(grid).tolist(), "rollout": e.rollout_map.reshape(grid).tolist(),
+                "faithfulness": e.curves.to_json() if e.curves is not None else None}
         return doc
 
 
@@ -121,6 +135,7 @@ def explain_image(image: str, options: PatchesOptions) -> PatchesReport:
     attention = options.attention or bool(options.layers or options.heads)  # --layer/--head ask for the maps
     if attention:
         attention_modules(model)  # a family without one token map is refused before anything is drawn
+    target = _explain_target(model, loaded.labels, options) if options.explain else None
     pixels = figures.display_pixels(x[0], loaded.data_config)  # (H, W, 3) in [0, 1]
     report = PatchesReport(layout=layout, source=sources[0], out_dir=Path(options.out_dir or default_out_dir(image)))
     out = report.out_dir
@@ -131,6 +146,8 @@ def explain_image(image: str, options: PatchesOptions) -> PatchesReport:
                             "px); the cells' receptive fields overlap, so the grid shows strides, not disjoint inputs")
     if attention:
         _attention_views(model, loaded.labels, x, pixels, layout, layers, heads, options, report)
+    if options.explain:
+        _explain_view(model, loaded.labels, x, pixels, layout, target, options, report)
     if options.figure7:
         _figure7(model, loaded.data_config, sources, pixels, layout, options, report)
     return report
@@ -161,6 +178,8 @@ def load_token_model(options: PatchesOptions) -> LoadedModel:
 def _check_options(options: PatchesOptions) -> None:
     if options.head_fusion not in HEAD_FUSIONS:
         raise UsageError(f"unknown --head-fusion '{options.head_fusion}'; use {', '.join(HEAD_FUSIONS)}")
+    if options.steps < 1:
+        raise UsageError(f"--steps {options.steps} is out of range; use 1 or more (e.g. {DEFAULT_STEPS})")
     if not 0.0 <= options.discard_ratio < 1.0:
         raise UsageError(f"--discard-ratio {options.discard_ratio} is out of range; use 0 <= ratio < 1 (e.g. 0.9)")
 
@@ -182,7 +201,6 @@ def _attention_views(model: torch.nn.Module, labels: list[str], x: torch.Tensor,
                      layout: TokenLayout, layers: list[int], heads: list[int], options: PatchesOptions,
                      report: PatchesReport) -> None:
     from vitcli.explain import figures
-    from vitcli.inference.predict import Label
 
     capture = AttentionCapture(model, layout.prefix_tokens, layout.query_tokens,
                                head_fusion=options.head_fusion, discard_ratio=options.discard_ratio)
@@ -191,18 +209,9 @@ def _attention_views(model: torch.nn.Module, labels: list[str], x: torch.Tensor,
     r = capture.result
     query = torch.stack([q[0] for q in r.query_attention])  # (L, h, N)
     maps = query[[i - 1 for i in layers]][:, [h - 1 for h in heads]].reshape(len(layers), len(heads), *layout.grid)
-    from vitcli.explain.attention import patch_share
-
     rollout = patch_share(r.rollout, layout.prefix_tokens, layout.query_tokens)[0].reshape(layout.grid)
     report.rollout = rollout.tolist()
-    if logits.dim() == 2 and logits.shape[1] > 0:
-        probs = logits.float().softmax(dim=-1)[0]
-        top = probs.topk(min(options.top_k, probs.numel()))
-        report.predictions = [
-            Label(rank=i + 1, index=int(j), label=labels[int(j)] if int(j) < len(labels) else f"class_{int(j)}",
-                  prob=float(p)) for i, (p, j) in enumerate(zip(top.values, top.indices, strict=True))]
-    else:
-        report.predictions = []
+    report.predictions = _top_predictions(logits, labels, options.top_k)
     source = _query_words(layout)
     report.notes.append(f"attention maps show {source}; prefix tokens ({', '.join(layout.prefix_names) or 'none'}) "
                         "are left out of the maps")
@@ -211,6 +220,48 @@ def _attention_views(model: torch.nn.Module, labels: list[str], x: torch.Tensor,
     top1 = report.predictions[0] if report.predictions else None
     report.files.append(figures.save_rollout(pixels, rollout, layout, options.head_fusion, options.discard_ratio,
                                              source, top1, report.out_dir / "rollout.png"))
+
+
+def _explain_target(model: torch.nn.Module, labels: list[str], options: PatchesOptions) -> int | None:
+    """Refuse what --explain cannot explain, and resolve --class, before anything is drawn."""
+    from vitcli.explain.relevance import class_index
+
+    attention_modules(model, "--explain")
+    require_token_pieces(model)
+    if options.explain_class is None:
+        return None
+    return class_index(options.explain_class, labels, int(getattr(model, "num_classes", 0) or len(labels)))
+
+
+def _explain_view(model: torch.nn.Module, labels: list[str], x: torch.Tensor, pixels: Any, layout: TokenLayout,
+                  target: int | None, options: PatchesOptions, report: PatchesReport) -> None:
+    from vitcli.explain.class_figures import save_explain, save_faithfulness
+    from vitcli.explain.faithfulness import explain_class
+
+    e = explain_class(model, x, layout.prefix_tokens, layout.query_tokens, target, steps=options.steps,
+                      head_fusion=options.head_fusion, discard_ratio=options.discard_ratio)
+    name = labels[e.target] if e.target < len(labels) else f"class_{e.target}"
+    report.explained, report.explained_label = e, name
+    if report.predictions is None:
+        report.predictions = _top_predictions(e.relevance.logits, labels, options.top_k)
+    grid = layout.grid
+    report.files.append(save_explain(pixels, e.rollout_map.reshape(grid), e.gradient_map.reshape(grid), layout,
+                                     name, e.target, e.probability, options.head_fusion, _query_words(layout),
+                                     report.out_dir / "explain.png"))
+    if e.curves is not None:
+        report.files.append(save_faithfulness(e.curves, layout, name, report.out_dir / "faithfulness.png"))
+
+
+def _top_predictions(logits: torch.Tensor, labels: list[str], k: int) -> list[Any]:
+    """The top-k (vitcli.inference.predict.Label) of the first image's logits; none without class logits."""
+    from vitcli.inference.predict import Label
+
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        return []
+    probs = logits.float().softmax(dim=-1)[0]
+    top = probs.topk(min(k, probs.numel()))
+    return [Label(rank=i + 1, index=int(j), label=labels[int(j)] if int(j) < len(labels) else f"class_{int(j)}",
+                  prob=float(p)) for i, (p, j) in enumerate(zip(top.values, top.indices, strict=True))]
 
 
 def _query_words(layout: TokenLayout) -> str:
