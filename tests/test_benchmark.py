@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from vitcli.benchmark import count_gflops, matmul_rate, run_benchmark
+from vitcli.benchmark import count_gflops, matmul_rate, predict_default_backend, run_benchmark
 from vitcli.cli.app import app
 from vitcli.cpuinfo import cpu_features, describe_cpu
 
@@ -39,12 +39,15 @@ def test_cpu_features_name_the_relevant_flags():
 
 def test_run_benchmark_times_every_backend_and_verifies_it(tiny_model_dir):
     result = run_benchmark(str(tiny_model_dir), batch_sizes=(1, 2), repeats=3, warmup=1,
-                           backends=["torch-fp32", "torch-bf16", "onnxruntime-fp32", "onnxruntime-int8"])
-    ran = ["torch-fp32", "onnxruntime-fp32", "onnxruntime-int8"]
+                           backends=["torch-fp32", "torch-bf16", "openvino-fp32", "openvino-bf16", "onnxruntime-fp32",
+                                     "onnxruntime-int8"])
+    ran = ["torch-fp32", "openvino-fp32", "onnxruntime-fp32", "onnxruntime-int8"]
     if cpu_features()["BF16"]:
         ran.insert(1, "torch-bf16")
+        ran.insert(3, "openvino-bf16")
     else:
         assert "no native bf16" in result.skipped["torch-bf16"]
+        assert "no native bf16" in result.skipped["openvino-bf16"]
     assert [(r.backend, r.batch_size) for r in result.rows] == [(b, bs) for bs in (1, 2) for b in ran]
     for row in result.rows:
         assert row.images_per_s > 0 and 0 < row.p50_ms <= row.p90_ms
@@ -53,6 +56,29 @@ def test_run_benchmark_times_every_backend_and_verifies_it(tiny_model_dir):
     assert result.parameters == sum(p.numel() for p in _tiny(tiny_model_dir).parameters())
     assert result.gflops_per_image > 0 and result.matmul_gflops["fp32"] > 0
     assert result.fastest() is not None and result.fastest().verified
+    # the bound of the row predict runs: decoding and that model on the same cores, each image once
+    assert result.default_backend == predict_default_backend() and result.decode_images_per_s > 0
+    bound, row = result.bound()
+    assert row.backend == result.default_backend
+    assert bound == pytest.approx(1 / (1 / result.decode_images_per_s + 1 / row.images_per_s))
+
+
+@pytest.mark.parametrize("cpu, cuda_bf16, expected", [
+    ("amx-xeon", None, "torch-bf16"), ("zen4", None, "torch-fp32"), ("avx2", None, "torch-fp32"),
+    ("zen4", True, "cuda-bf16"), ("zen4", False, "cuda-fp32")])
+def test_the_row_predict_runs_by_default(monkeypatch, tmp_path, cpu, cuda_bf16, expected):
+    import torch
+
+    from _cpus import forget_cpu, use_cpu
+
+    if cuda_bf16 is not None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: cuda_bf16)
+    use_cpu(monkeypatch, tmp_path, cpu)
+    try:
+        assert predict_default_backend() == expected
+    finally:
+        forget_cpu()
 
 
 def _tiny(folder):
@@ -70,7 +96,12 @@ def test_cli_benchmark_json_and_closing_line(tiny_model_dir):
     assert set(doc["cpu"]) == {"AVX2", "AVX-512", "VNNI", "BF16", "AMX"}
     table = runner.invoke(app, args)
     assert table.exit_code == 0
-    assert table.stdout.strip().splitlines()[-1].startswith("fastest verified: torch-fp32 at batch 1")
+    lines = table.stdout.strip().splitlines()
+    assert lines[-1].startswith("fastest verified: torch-fp32 at batch 1")
+    assert lines[-2].startswith(f"vitcli predict runs {predict_default_backend()} by default here")
+    assert doc["default_backend"] == predict_default_backend()
+    if doc["default_backend"] == "torch-fp32":  # the row that ran: its bound is printed beside it
+        assert "decode-once bound" in lines[-2] and doc["decode_once_bound"] > 0
 
 
 def test_cli_benchmark_bad_batch_sizes_exit_2(tiny_model_dir):
@@ -85,6 +116,7 @@ def test_cli_benchmark_on_a_cuda_machine_with_the_cpu_only_onnxruntime_skips_tha
     import vitcli.benchmark
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine ...
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])  # ... plain ort
     monkeypatch.setattr(vitcli.benchmark, "matmul_rate", lambda *args, **kwargs: 1.0)  # no GPU to time here
 

@@ -25,7 +25,8 @@ import torch
 from vitcli.cpuinfo import cpu_features
 from vitcli.errors import UsageError
 
-BACKENDS = ("torch-fp32", "torch-bf16", "torch-compile", "onnxruntime-fp32", "onnxruntime-int8")
+BACKENDS = ("torch-fp32", "torch-bf16", "torch-compile", "openvino-fp32", "openvino-bf16", "onnxruntime-fp32",
+            "onnxruntime-int8")
 CUDA_BACKENDS = ("cuda-fp32", "cuda-fp16", "cuda-bf16", "onnxruntime-cuda")
 
 
@@ -53,6 +54,18 @@ class BenchmarkResult:
     matmul_gflops: dict[str, float]  # measured rate per dtype
     rows: list[Row] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # backend -> why
+    default_backend: str = ""  # the row `vitcli predict` runs with no options on this machine
+    decode_images_per_s: float | None = None  # predict's decoding and preprocessing, all cores
+
+    def bound(self, backend: str | None = None) -> tuple[float, Row] | None:
+        """The decode-once bound of ``backend`` (default: predict's) at its fastest batch size, and that row."""
+        from vitcli.inference.pipeline import decode_once_bound
+
+        rows = [r for r in self.rows if r.backend == (backend or self.default_backend)]
+        if not rows or not self.decode_images_per_s:
+            return None
+        row = max(rows, key=lambda r: r.images_per_s)
+        return decode_once_bound(self.decode_images_per_s, row.images_per_s), row
 
     def fastest(self) -> Row | None:
         verified = [r for r in self.rows if r.verified]
@@ -134,6 +147,61 @@ def _torch_runner(model: torch.nn.Module, device: str, dtype: torch.dtype | None
     return run
 
 
+def _openvino_runner(model: torch.nn.Module, loaded: Any, precision: str) -> Callable[[np.ndarray], np.ndarray]:
+    """OpenVINO's CPU plugin on the model converted from torch (dynamic batch), ``precision`` as its
+    inference-precision hint, one request on every core (LATENCY), as predict compiles it."""
+    import warnings
+
+    import openvino as ov
+
+    _, h, w = loaded.data_config["input_size"]
+    with warnings.catch_warnings():  # the tracer's warnings about timm's shape checks
+        warnings.simplefilter("ignore")
+        converted = ov.convert_model(model, example_input=torch.zeros(1, 3, h, w), input=[(-1, 3, h, w)])
+    compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": precision.replace("fp", "f"),
+                                                          "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    return lambda batch: np.asarray(request.infer([batch])[0], dtype=np.float32)
+
+
+def predict_default_backend() -> str:
+    """The row `vitcli predict` runs with no options here: torch at ``--precision auto``."""
+    from vitcli.devices import resolve_device, resolve_precision
+
+    device = resolve_device("auto")
+    precision = resolve_precision("auto", device)
+    if device.type == "cuda":
+        return "cuda-bf16" if precision == "bf16" else "cuda-fp32"
+    return f"torch-{precision}"
+
+
+def decode_rate(loaded: Any, sources: Sequence[str], seconds: float = 1.0) -> float | None:
+    """Images per second that predict's decoding and preprocessing (the fast path, per-core streams,
+    one torch thread each) reach on ``sources``, repeated for about ``seconds``; None without sources."""
+    from vitcli.cpuinfo import usable_cpus
+    from vitcli.inference.batching import SourceImages, collate_images
+    from vitcli.inference.pipeline import chunked, pipelined
+    from vitcli.io.transforms import draft_size_for, eval_pipeline
+
+    if not sources:
+        return None
+    pipeline = eval_pipeline(loaded.data_config, fast=True)
+    images = SourceImages(pipeline.per_image, draft_size_for(loaded.data_config), pipeline.load)
+    streams, threads = usable_cpus(), torch.get_num_threads()
+    per_round = list(sources) * max(1, -(-8 * streams // len(sources)))  # a few images per stream
+    torch.set_num_threads(1)
+    try:
+        done, start = 0, time.perf_counter()
+        while done == 0 or time.perf_counter() - start < seconds:
+            for _ in pipelined(chunked(per_round, 4), lambda c: collate_images([images[s] for s in c]),
+                               lambda b: None, streams=streams):
+                pass
+            done += len(per_round)
+        return done / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _fused(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of the exportable model (attention unfused, for the ONNX graph and the FLOP count) with
     timm's default fused attention back on: the torch rows time what `vitcli predict` runs."""
@@ -165,6 +233,11 @@ def build_backends(loaded: Any, names: Sequence[str], workdir: Path, say: Callab
             else:
                 skipped[name] = ("no native bf16 on this CPU (AVX512-BF16/AMX); emulated bf16 is orders of "
                                  "magnitude slower")
+        elif name in ("openvino-fp32", "openvino-bf16"):
+            if name == "openvino-bf16" and not features()["BF16"]:
+                skipped[name] = "no native bf16 on this CPU (AVX512-BF16/AMX)"
+                continue
+            runners[name] = (name.removeprefix("openvino-"), _openvino_runner(model, loaded, name[-4:]))
         elif name == "torch-compile":
             say("compiling with torch.compile (slow the first time)")
             runners[name] = ("fp32", _torch_runner(torch.compile(model), "cpu", None))
@@ -269,6 +342,9 @@ def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Seq
         reference = run_batched(runners["torch-fp32"][1] if "torch-fp32" in runners
                                 else _torch_runner(model, "cpu", None), verify, 16)
         checks = {}
+        result.default_backend = predict_default_backend()
+        say("timing predict's decoding")
+        result.decode_images_per_s = decode_rate(loaded, _photo_sources(verify_images))
         for backend, (dtype, run) in runners.items():
             tolerance = TOLERANCES["int8" if dtype == "int8" else "fp32" if dtype == "fp32" else "fp16"]
             checks[backend] = compare(reference, run_batched(run, verify, 16), tolerance)
@@ -287,6 +363,15 @@ def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Seq
                                        ips * result.gflops_per_image / peak if peak else None,
                                        not c["failed"], c["top1_agreement"], c["max_abs_logit"]))
     return result
+
+
+def _photo_sources(inputs: Sequence[str]) -> list[str]:
+    """Photos to time decoding on: --verify-images, else the repository's examples (none when installed)."""
+    from vitcli.export.verify import EXAMPLES_DIR, image_sources
+
+    if inputs:
+        return list(image_sources(inputs, "--verify-images"))
+    return list(image_sources([str(EXAMPLES_DIR)], "examples")) if EXAMPLES_DIR.is_dir() else []
 
 
 def _options() -> Any:

@@ -17,9 +17,9 @@ def benchmark(
     batch_sizes: Annotated[str, typer.Option(
         "--batch-sizes", "-b", help="Comma-separated batch sizes.")] = "1,8,32",
     backends: Annotated[str | None, typer.Option(
-        "--backends", help="Comma-separated subset of torch-fp32, torch-bf16, torch-compile, onnxruntime-fp32, "
-                           "onnxruntime-int8, cuda-fp32, cuda-fp16, cuda-bf16, onnxruntime-cuda (default: all "
-                           "this machine can run).", show_default=False)] = None,
+        "--backends", help="Comma-separated subset of torch-fp32, torch-bf16, torch-compile, openvino-fp32, "
+                           "openvino-bf16, onnxruntime-fp32, onnxruntime-int8, cuda-fp32, cuda-fp16, cuda-bf16, "
+                           "onnxruntime-cuda (default: all this machine can run).", show_default=False)] = None,
     repeats: Annotated[int, typer.Option("--repeats", "-r", min=3, help="Timed runs per batch size and backend.")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 2,
     verify_images: Annotated[list[str] | None, typer.Option(
@@ -52,7 +52,9 @@ def benchmark(
             import dataclasses
             import json
 
-            out.out(json.dumps({**dataclasses.asdict(result), "fastest": _fastest_dict(result)}), highlight=False)
+            bound = result.bound()
+            out.out(json.dumps({**dataclasses.asdict(result), "fastest": _fastest_dict(result),
+                                "decode_once_bound": bound[0] if bound else None}), highlight=False)
             return
         _render(result, out)
 
@@ -95,9 +97,23 @@ def _render(result, out) -> None:
         if int8 is not None and fp32 is not None and int8 <= fp32:
             out.print(f"int8 is not faster than ONNX Runtime fp32 at batch {bs} on this CPU "
                       f"({int8 / fp32:.2f}x): prefer fp32 here", highlight=False)
+    _render_bound(result, out)
     best = result.fastest()
     if best is None:
         out.print("no backend passed verification", highlight=False)
     else:
         out.print(f"fastest verified: {best.backend} at batch {best.batch_size}, {best.images_per_s:.1f} img/s "
                   f"({result.speedup(best.backend, best.batch_size) or 1:.2f}x torch eager fp32)", highlight=False)
+
+
+def _render_bound(result, out) -> None:
+    """The row predict runs by default and the most it can reach end to end here (decode-once bound)."""
+    line = f"vitcli predict runs {result.default_backend} by default here (--precision auto)"
+    bound = result.bound()
+    if bound is not None:
+        rate, row = bound
+        line += (f"; decode-once bound {rate:.1f} img/s: decoding {result.decode_images_per_s:.1f} img/s and the "
+                 f"model {row.images_per_s:.1f} img/s (batch {row.batch_size}) on the same {result.threads} cores")
+    elif not result.decode_images_per_s:
+        line += "; pass --verify-images PHOTOS to time decoding and print the decode-once bound"
+    out.print(line, highlight=False, markup=False)

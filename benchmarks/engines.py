@@ -1,0 +1,280 @@
+"""Engines side by side on DeiT-Tiny: model-only speed, agreement with torch fp32, and the decode-once bound.
+
+    python benchmarks/engines.py [--repeats 5] [--batch 32] [--no-cli]
+
+In one process, with interleaved repeats (a loaded machine slows every engine alike):
+1. model-only img/s at batch 32 for torch fp32, torch bf16 autocast, OpenVINO fp32, OpenVINO bf16
+   and ONNX Runtime fp32 (the file `vitcli export` writes), with ratios to torch fp32;
+2. top-1 agreement and max |delta prob| with torch fp32 on the photos of ../shared/data (images/ and
+   hymenoptera/), timm's exact eval transform, and the issue's verification rule (the same top-1
+   wherever fp32's top-1 probability is >= 0.5, >= 98% overall, max |delta prob| <= 0.05);
+3. the decode-once bound (``vitcli.inference.pipeline.decode_once_bound``) for torch and for
+   OpenVINO, each against what the pipeline reaches on hymenoptera/ (in process, start-up excluded);
+4. unless --no-cli, `vitcli predict hymenoptera/` end to end (wall, start-up included) with the
+   defaults against `--precision fp32` (and `--backend torch` where predict has --backend).
+The CPU flags, usable CPUs and the load average are printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitcli.cpuinfo import cpu_flags, describe_cpu, fast_bf16, usable_cpus
+from vitcli.inference.pipeline import HandlePool, chunked, decode_once_bound, pipelined
+
+DATA = Path(os.environ.get("VITCLI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+def photos(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def flags_line() -> str:
+    wanted = sorted(f for f in cpu_flags() if f == "avx2" or f.startswith(("avx512", "amx")))
+    return " ".join(wanted) or "(none)"
+
+
+def load_line() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {usable_cpus()} usable CPUs"
+
+
+# ------------------------------------------------------------------------------------ engines
+
+
+def torch_engine(model: torch.nn.Module, bf16: bool):
+    def run(batch: np.ndarray) -> np.ndarray:
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+        with torch.inference_mode(), ctx:
+            return model(torch.from_numpy(batch)).float().numpy()
+    return run
+
+
+def openvino_model(model: torch.nn.Module, size: tuple[int, int]):
+    import openvino as ov
+
+    return ov.convert_model(model, example_input=torch.zeros(1, 3, *size), input=[(-1, 3, *size)])
+
+
+def openvino_engine(ov_model, precision: str, streams: int | None = None):
+    """A compiled model; LATENCY (one request on every core) unless ``streams`` asks for throughput."""
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": precision}
+    if streams:
+        config.update(NUM_STREAMS=str(streams), INFERENCE_NUM_THREADS=str(usable_cpus()))
+    else:
+        config["PERFORMANCE_HINT"] = "LATENCY"
+    compiled = ov.Core().compile_model(ov_model, "CPU", config)
+    if streams:
+        return compiled
+    request = compiled.create_infer_request()
+    return lambda batch: np.asarray(request.infer([batch])[0], dtype=np.float32)
+
+
+def onnx_engine(loaded, workdir: Path):
+    from vitcli.export.formats import export_onnx
+    from vitcli.export.job import ExportOptions, export_metadata, load_exportable
+    from vitcli.inference.onnx_engine import load_onnx
+
+    exportable = load_exportable(loaded.name)
+    path = workdir / "deit.onnx"
+    _, h, w = exportable.data_config["input_size"]
+    options = ExportOptions()
+    export_onnx(exportable.model.eval(), torch.randn(2, 3, h, w), path, export_metadata(exportable, loaded.name,
+                                                                                         None, options), options)
+    return load_onnx(path, device="cpu", spin=False).logits
+
+
+# ------------------------------------------------------------------------------- measurements
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def probabilities(run, inputs: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([softmax(run(inputs[i:i + batch])) for i in range(0, len(inputs), batch)])
+
+
+def agreement(reference: np.ndarray, probs: np.ndarray) -> dict[str, float | bool]:
+    ref_top, top = reference.argmax(1), probs.argmax(1)
+    confident = reference.max(1) >= 0.5
+    same = ref_top == top
+    delta = float(np.abs(probs - reference).max())
+    return {"top1": float(same.mean()), "confident": float(same[confident].mean()), "n_confident": int(confident.sum()),
+            "max_delta": delta, "verified": bool(same[confident].all() and same.mean() >= 0.98 and delta <= 0.05)}
+
+
+def interleaved(engines: dict, batch: np.ndarray, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median img/s of each engine on ``batch``, the engines taking turns within every repeat."""
+    for run in engines.values():
+        for _ in range(warmup):
+            run(batch)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(repeats):
+        for name, run in engines.items():
+            t0 = time.perf_counter()
+            run(batch)
+            times[name].append(time.perf_counter() - t0)
+    return {name: len(batch) / float(np.median(t)) for name, t in times.items()}
+
+
+def rate(fn, n: int) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - t0)
+
+
+def torch_bound(loaded, files: list[str], batch: int, model_rate: float) -> dict[str, float]:
+    """torch's decode (the fast path) alone, then `vitcli.inference.predict` end to end with its defaults."""
+    from vitcli.inference.batching import SourceImages, collate_images
+    from vitcli.inference.predict import PredictOptions, predict
+    from vitcli.io.transforms import draft_size_for, eval_pipeline
+
+    pipeline = eval_pipeline(loaded.data_config, fast=True)
+    images = SourceImages(pipeline.per_image, draft_size_for(loaded.data_config), pipeline.load)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        decode = rate(lambda: list(pipelined(chunked(files, batch), lambda c: collate_images([images[s] for s in c]),
+                                             lambda b: None, streams=usable_cpus())), len(files))
+    finally:
+        torch.set_num_threads(threads)
+    e2e = rate(lambda: list(predict(loaded, files, PredictOptions(batch_size=batch))), len(files))
+    bound = decode_once_bound(decode, model_rate)
+    return {"decode": decode, "model": model_rate, "bound": bound, "e2e": e2e, "of_bound": e2e / bound}
+
+
+def openvino_bound(ov_model, config: dict, files: list[str], batch: int, precision: str,
+                   model_rate: float) -> dict[str, float]:
+    """The NumPy decode (Pillow, exact timm steps) alone, then the pipeline's streams feeding OpenVINO."""
+    from vitcli.inference.onnx_engine import preprocess
+    from vitcli.io.images import load_image
+
+    streams = usable_cpus()
+    compiled = openvino_engine(ov_model, precision, streams=streams)
+    pool = HandlePool(compiled.create_infer_request() for _ in range(streams))
+
+    def decode(chunk: list[str]) -> np.ndarray:
+        return np.stack([preprocess(load_image(s), config) for s in chunk])
+
+    def infer(x: np.ndarray) -> np.ndarray:
+        with pool.handle() as request:
+            return np.asarray(request.infer([x])[0], dtype=np.float32).argmax(1)
+
+    d = rate(lambda: list(pipelined(chunked(files, batch), decode, lambda b: None, streams=streams)), len(files))
+    e2e = rate(lambda: list(pipelined(chunked(files, batch), decode, infer, streams=streams)), len(files))
+    bound = decode_once_bound(d, model_rate)
+    return {"decode": d, "model": model_rate, "bound": bound, "e2e": e2e, "of_bound": e2e / bound}
+
+
+def cli_runs(folder: Path, repeats: int) -> dict[str, float]:
+    """Wall seconds of `vitcli predict FOLDER` (start-up included), defaults against exact fp32 torch."""
+    has_backend = "--backend" in subprocess.run([sys.executable, "-m", "vitcli", "predict", "--help"],
+                                                capture_output=True, text=True).stdout
+    variants = {"default": [], "fp32 torch": ["--precision", "fp32", *(["--backend", "torch"] if has_backend else [])]}
+    walls: dict[str, list[float]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            for name, extra in variants.items():
+                out = Path(tmp) / f"{name.replace(' ', '-')}-{i}.jsonl"
+                t0 = time.perf_counter()
+                done = subprocess.run([sys.executable, "-m", "vitcli", "predict", str(folder), "-o", str(out), *extra],
+                                      capture_output=True, text=True)
+                walls[name].append(time.perf_counter() - t0)
+                if done.returncode != 0:
+                    print(f"  {name}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
+                elif i == 0:
+                    said = [line for line in done.stderr.splitlines() if line.strip()]
+                    print(f"  {name} ({' '.join(extra) or 'no options'}): stderr says: {said[-1] if said else '-'}")
+    return {name: float(np.median(w)) for name, w in walls.items()}
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--cli-repeats", type=int, default=1)
+    parser.add_argument("--no-cli", action="store_true", help="skip the `vitcli predict` subprocess runs")
+    args = parser.parse_args()
+
+    import openvino
+    import timm
+    from PIL import Image
+
+    from vitcli.models.resolve import load_model
+
+    print(f"CPU: {describe_cpu()}; flags: {flags_line()}; torch {torch.__version__}, openvino {openvino.__version__}")
+    print(f"start: {load_line()} (other jobs share this machine: compare ratios, not img/s)")
+    print(f"auto precision: torch {'bf16' if fast_bf16('torch') else 'fp32'}, "
+          f"openvino {'bf16' if fast_bf16('openvino') else 'fp32'}")
+    loaded = load_model()
+    model = loaded.model.eval()
+    size = tuple(loaded.data_config["input_size"][1:])
+    paths = photos(DATA / "images") + photos(DATA / "hymenoptera")
+    transform = timm.data.create_transform(**loaded.data_config, is_training=False)
+    inputs = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]).numpy()
+    print(f"{len(paths)} photos from {DATA} (images/, hymenoptera/), timm's exact eval transform")
+
+    ov_model = openvino_model(model, size)
+    engines = {"torch fp32": torch_engine(model, False), "torch bf16 autocast": torch_engine(model, True),
+               "openvino fp32": openvino_engine(ov_model, "f32"), "openvino bf16": openvino_engine(ov_model, "bf16")}
+    with tempfile.TemporaryDirectory() as tmp:
+        engines["onnxruntime fp32"] = onnx_engine(loaded, Path(tmp))
+        reference = probabilities(engines["torch fp32"], inputs, args.batch)
+        checks = {name: agreement(reference, probabilities(run, inputs, args.batch)) for name, run in engines.items()}
+        speed = interleaved(engines, inputs[:args.batch], args.repeats)
+    base = speed["torch fp32"]
+    print(f"\nmodel only, DeiT-Tiny batch {args.batch}, {args.repeats} interleaved repeats (median):")
+    print("| engine | img/s | vs torch fp32 | top-1 agreement | on confident | max abs delta prob | verified |")
+    print("|---|---|---|---|---|---|---|")
+    for name, ips in speed.items():
+        c = checks[name]
+        print(f"| {name} | {ips:.1f} | {ips / base:.2f}x | {c['top1']:.1%} | {c['confident']:.0%} of "
+              f"{c['n_confident']} | {c['max_delta']:.4f} | {'yes' if c['verified'] else 'no'} |")
+
+    hymenoptera = [str(p) for p in photos(DATA / "hymenoptera")]
+    print(f"\ndecode-once bound, {len(hymenoptera)} photos of hymenoptera/, in process (start-up excluded):")
+    rows = {"torch fp32 (vitcli.inference.predict, fast decode)": torch_bound(loaded, hymenoptera, args.batch, base)}
+    for precision, key in (("f32", "openvino fp32"), ("bf16", "openvino bf16")):
+        if precision == "bf16" and not fast_bf16("openvino"):
+            continue
+        rows[f"{key} (pipeline streams, Pillow decode)"] = openvino_bound(ov_model, loaded.data_config, hymenoptera,
+                                                                          args.batch, precision, speed[key])
+    print("| path | decode img/s | model img/s | bound img/s | reached img/s | of bound |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['decode']:.1f} | {r['model']:.1f} | {r['bound']:.1f} | {r['e2e']:.1f} | "
+              f"{r['of_bound']:.2f} |")
+    torch_e2e = rows["torch fp32 (vitcli.inference.predict, fast decode)"]["e2e"]
+    best = max(rows.values(), key=lambda r: r["bound"])
+    print(f"the highest bound here is {best['bound']:.1f} img/s = {best['bound'] / torch_e2e:.2f}x torch fp32 end to "
+          "end: no engine can take predict further on this CPU while decoding shares its cores")
+
+    if not args.no_cli:
+        print(f"\n`vitcli predict {DATA / 'hymenoptera'}` end to end (wall, start-up included):")
+        walls = cli_runs(DATA / "hymenoptera", args.cli_repeats)
+        n = len(hymenoptera)
+        for name, wall in walls.items():
+            print(f"  {name}: {wall:.1f} s, {n / wall:.1f} img/s ({walls['fp32 torch'] / wall:.2f}x fp32 torch)")
+    print(f"\nend: {load_line()}")
+
+
+if __name__ == "__main__":
+    main()
