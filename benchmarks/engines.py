@@ -161,8 +161,8 @@ def torch_bound(loaded, files: list[str], batch: int, model_rate: float) -> dict
 def openvino_bound(ov_model, config: dict, files: list[str], batch: int, precision: str,
                    model_rate: float) -> dict[str, float]:
     """The NumPy decode (Pillow, exact timm steps) alone, then the pipeline's streams feeding OpenVINO."""
-    from vitcli.inference.onnx_engine import preprocess
     from vitcli.io.images import load_image
+    from vitcli.io.preprocess import preprocess
 
     streams = usable_cpus()
     compiled = openvino_engine(ov_model, precision, streams=streams)
