@@ -142,7 +142,8 @@ def torch_bound(loaded, files: list[str], batch: int, model_rate: float) -> dict
     """torch's decode (the fast path) alone, then `vitcli.inference.predict` end to end with its defaults."""
     from vitcli.inference.batching import SourceImages, collate_images
     from vitcli.inference.predict import PredictOptions, predict
-    from vitcli.io.transforms import draft_size_for, eval_pipeline
+    from vitcli.io.preprocess import draft_size_for
+    from vitcli.io.transforms import eval_pipeline
 
     pipeline = eval_pipeline(loaded.data_config, fast=True)
     images = SourceImages(pipeline.per_image, draft_size_for(loaded.data_config), pipeline.load)

@@ -181,7 +181,8 @@ def decode_rate(loaded: Any, sources: Sequence[str], seconds: float = 1.0) -> fl
     from vitcli.cpuinfo import usable_cpus
     from vitcli.inference.batching import SourceImages, collate_images
     from vitcli.inference.pipeline import chunked, pipelined
-    from vitcli.io.transforms import draft_size_for, eval_pipeline
+    from vitcli.io.preprocess import draft_size_for
+    from vitcli.io.transforms import eval_pipeline
 
     if not sources:
         return None
