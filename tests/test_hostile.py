@@ -269,3 +269,124 @@ def test_a_damaged_args_json_on_resume_is_one_line_naming_it(tmp_path, tiny_mode
     assert result.exit_code == 1, result.output
     assert result.stderr.count("\n") == 1
     assert f"cannot resume: '{run / 'args.json'}' is damaged" in result.stderr and "internal" not in result.stderr
+
+
+# ----------------------------------------------- items 6, 7: bounded work per input (peak RSS)
+
+MEMORY_CAP = 3 << 30  # RLIMIT_DATA of the measured child: a regression fails the test, not the machine
+
+
+# A fresh, small process starts the measured one and reads its peak from getrusage(RUSAGE_CHILDREN): a
+# child forked from pytest itself would count pytest's own pages (torch and all) until its exec.
+MEASURE = """
+import resource, subprocess, sys
+cap, timeout, peak_file, cmd = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4:]
+try:
+    code = subprocess.run(cmd, timeout=timeout,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))).returncode
+except subprocess.TimeoutExpired:
+    code = 124
+open(peak_file, "w").write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(code)
+"""
+
+
+def run_measured(cmd: list[str], cwd: Path, timeout: float = 300) -> tuple[int, str, str, float]:
+    """Run ``cmd`` as a child process; (exit code, stdout, stderr, its peak RSS in MiB)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    peak = cwd / ".peak"
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(MEMORY_CAP), str(timeout), str(peak), *cmd],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout + 60)
+    return done.returncode, done.stdout, done.stderr, int(peak.read_text()) / 1024  # ru_maxrss is in KiB
+
+
+def test_aspect_ratio_bombs_are_refused_from_their_header_at_the_memory_of_a_normal_photo(tiny_model_dir, tmp_path):
+    import sys
+
+    from PIL import Image
+
+    Image.new("RGB", (30000, 1), (200, 10, 10)).save(tmp_path / "strip.png")  # 3 KB
+    Image.new("RGB", (65000, 2), (10, 200, 10)).save(tmp_path / "strip.jpg")
+    make_image(tmp_path / "photo.jpg", size=(640, 480))
+    predict = [sys.executable, "-m", "vitcli", "predict", "--model", str(tiny_model_dir), "--json"]
+
+    code, stdout, _, normal = run_measured([*predict, "photo.jpg"], tmp_path)
+    assert code == 0
+    code, stdout, stderr, bombs = run_measured([*predict, "strip.png", "strip.jpg", "photo.jpg"], tmp_path)
+
+    assert code == 1, stderr
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert [bool(r["predictions"]) for r in records] == [False, False, True]  # the photo is still predicted
+    assert stderr.splitlines() == [
+        "Error: strip.png: image is 30000x1, longer than 32 times its width; resized to the model's input it "
+        "would take far more memory than it is worth: crop it into parts first",
+        "Error: strip.jpg: image is 65000x2, longer than 32 times its width; resized to the model's input it "
+        "would take far more memory than it is worth: crop it into parts first"]
+    print(f"peak RSS: photo alone {normal:.0f} MiB, with the two bombs {bombs:.0f} MiB")
+    assert bombs < normal * 1.2 + 64, (normal, bombs)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symlinks")
+def test_a_double_star_glob_never_walks_through_symlinked_folders(tmp_path):
+    import sys
+
+    loop = tmp_path / "loop2"
+    make_image(loop / "a.jpg")
+    make_image(loop / "sub" / "b.jpg", seed=1)
+    (loop / "self1").symlink_to(".")
+    (loop / "self2").symlink_to(".")
+    (loop / "sub" / "up").symlink_to("..")
+    script = ("from vitcli.io.inputs import expand_inputs; import json; "
+              "print(json.dumps(expand_inputs(['loop2/**/*.jpg', 'loop2/**'])[0]))")
+
+    code, stdout, stderr, peak = run_measured([sys.executable, "-c", script], tmp_path, timeout=60)
+
+    assert code == 0, stderr  # before: still listing 2^40 paths when killed at 60 s
+    assert json.loads(stdout) == ["loop2/a.jpg", "loop2/sub/b.jpg"] * 2
+    print(f"peak RSS of the glob: {peak:.0f} MiB")
+    assert peak < 200, peak
+
+
+@pytest.mark.parametrize(("pattern", "expected"), [
+    ("d/**/*.jpg", ["d/a.jpg", "d/x/b.jpg", "d/x/y/c.jpg"]),
+    ("d/**/y/*.jpg", ["d/x/y/c.jpg"]),
+    ("d/*/*.jpg", ["d/x/b.jpg"]),
+    ("d/**/[ab].jpg", ["d/a.jpg", "d/x/b.jpg"]),
+    ("**/c.jpg", ["d/x/y/c.jpg"]),
+])
+def test_double_star_globs_match_as_python_globs_do(tmp_path, monkeypatch, pattern, expected):
+    import glob
+
+    from vitcli.io.inputs import expand_inputs
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("d/a.jpg", "d/x/b.jpg", "d/x/y/c.jpg", "d/.hidden/e.jpg", "d/x/.f.jpg"):
+        make_image(Path(name))
+
+    assert expand_inputs([pattern])[0] == expected == sorted(glob.glob(pattern, recursive=True))
+
+
+# ------------------------------------------------------- item 14: float and int32 TIFFs
+
+
+def test_float_and_int32_tiffs_are_scaled_by_their_own_range_and_nan_is_refused(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vitcli.errors import ImageLoadError
+    from vitcli.io.images import load_image
+
+    ramp = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)
+    Image.fromarray(ramp, mode="F").save(tmp_path / "float.tif")
+    Image.fromarray((ramp * 4e6).astype(np.int32), mode="I").save(tmp_path / "int32.tif")
+    Image.fromarray(np.where(ramp > 0.5, np.nan, ramp).astype(np.float32), mode="F").save(tmp_path / "nan.tif")
+
+    for name in ("float.tif", "int32.tif"):
+        pixels = np.asarray(load_image(str(tmp_path / name)))[..., 0].astype(int)
+        assert pixels.min() == 0 and pixels.max() == 255, name  # before: all black (float), saturated (int32)
+        assert abs(pixels.mean() - 127.5) < 2, name
+    with pytest.raises(ImageLoadError, match="NaN or infinite values"):
+        load_image(str(tmp_path / "nan.tif"))

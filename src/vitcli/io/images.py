@@ -5,9 +5,13 @@ Image rules (documented in the README):
   * EXIF orientation is applied before anything else.
   * Animated images (GIF, WebP, APNG) use their first frame.
   * Transparency (RGBA, LA, P with a transparent colour) is composited onto a white background.
-  * 16-bit and 32-bit integer images are scaled to 8 bits; CMYK, YCbCr, grayscale and palette
-    images are converted to RGB.
-  * Images over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) are refused.
+  * 16-bit images are scaled to 8 bits by their type's range; 32-bit integer and float images by
+    their own range (float values in 0..1 as 0..255); NaN or infinite values are refused. CMYK,
+    YCbCr, grayscale and palette images are converted to RGB.
+  * Images over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) are refused, and so
+    are images longer than ``MAX_ASPECT`` times their width (or wider than that times their height),
+    from their header, before any pixel is decoded: resized to a model's input such a strip grows to
+    gigabytes (a 3 KB 30000x1 PNG to 8 GB), however few pixels it has.
   * URLs: a size limit and one deadline for the whole download; proxies from the environment.
 """
 
@@ -26,6 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vitcli.errors import ImageLoadError, first_line
 
+MAX_ASPECT = 32  # longest side / shortest side: panoramas (4:1, 10:1) pass, strips that resize to GBs do not
 URL_MAX_BYTES = 50 * 1024 * 1024
 URL_TIMEOUT_S = 15.0  # seconds for the whole download
 URL_CHUNK_BYTES = 64 * 1024
@@ -101,6 +106,7 @@ def _load(source: str, draft_size: tuple[int, int] | None, tensor_ok: bool) -> A
     try:
         with Image.open(fp) as img:  # Pillow raises DecompressionBombError over twice its pixel limit
             _refuse_over_pixel_limit(img.size)  # and only warns between 1x and 2x: refuse those too
+            _refuse_extreme_aspect(img.size)
             if (tensor_ok and img.format == "JPEG" and img.mode in ("RGB", "L")
                     and not _draft_shrinks(img.size, draft_size)
                     and (tensor := _decode_jpeg_tensor(fp)) is not None):
@@ -112,6 +118,8 @@ def _load(source: str, draft_size: tuple[int, int] | None, tensor_ok: bool) -> A
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageLoadError(source, f"image is over Pillow's decompression-bomb limit ({e}); "
                              "raise PIL.Image.MAX_IMAGE_PIXELS only for files you trust") from e
+    except UnusableImage as e:
+        raise ImageLoadError(source, str(e)) from e
     except UnidentifiedImageError as e:
         raise ImageLoadError(source, "not an image Pillow can read") from e
     except (OSError, SyntaxError, ValueError) as e:  # truncated data, broken headers
@@ -125,6 +133,17 @@ def _refuse_over_pixel_limit(size: tuple[int, int]) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     if limit and size[0] * size[1] > limit:
         raise Image.DecompressionBombError(f"{size[0] * size[1]} pixels, limit {limit}")
+
+
+class UnusableImage(ValueError):
+    """An image that decodes but cannot be used as it is (the reason says why)."""
+
+
+def _refuse_extreme_aspect(size: tuple[int, int]) -> None:
+    width, height = size
+    if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+        raise UnusableImage(f"image is {width}x{height}, longer than {MAX_ASPECT} times its width; resized to the "
+                            "model's input it would take far more memory than it is worth: crop it into parts first")
 
 
 def _draft_shrinks(size: tuple[int, int], draft_size: tuple[int, int] | None) -> bool:
@@ -166,8 +185,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr * (255.0 / peak), 0, 255).round().astype(np.uint8)
+        if not np.isfinite(arr).all():
+            raise UnusableImage("image holds NaN or infinite values; there is no brightness to scale them to")
+        low, high = float(arr.min()), float(arr.max())
+        if img.mode.startswith("I;16") or (img.mode == "I" and low >= 0 and high <= 65535):
+            peak = 65535.0 if img.mode.startswith("I;16") or high > 255 else 255.0  # 16-bit PNGs open as "I"
+            arr = arr * (255.0 / peak)
+        elif img.mode == "F" and low >= 0 and high <= 1:  # the usual range of float images
+            arr = arr * 255.0
+        elif img.mode == "I" and low >= 0 and high <= 255:
+            pass
+        else:  # int32 beyond 16 bits, floats in other units: the image's own range
+            arr = (arr - low) * (255.0 / (high - low)) if high > low else np.zeros_like(arr)
+        arr = np.clip(arr, 0, 255).round().astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -115,11 +116,12 @@ def iter_inputs(inputs: Iterable[str]) -> Iterator[str | InputProblem]:
         elif kind == "file":
             yield str(path)
         elif glob.has_magic(raw):
-            matches = sorted(p for p in glob.iglob(str(path), recursive=True)
-                             if Path(p).is_file() and is_image_path(Path(p)))
-            if not matches:
+            found = False
+            for match in _glob_images(str(path)):
+                found = True
+                yield match
+            if not found:
                 yield InputProblem(raw, "no image matches this pattern")
-            yield from matches
         else:
             yield InputProblem(raw, "no such file or directory")
 
@@ -143,3 +145,58 @@ def _walk_images(folder: str) -> Iterator[str]:
             yield entry.path
 
 
+
+
+def _glob_images(pattern: str) -> Iterator[str]:
+    """Image files matching a glob pattern, in sorted order.
+
+    A pattern without ``**`` is Python's glob. One with ``**`` is a folder walk (``_walk_images``: one
+    listing per level, never into a symlinked folder) from the pattern's fixed leading folders, each
+    path matched against the pattern: Python's glob follows symlinked folders under ``**``, so two
+    links to their own folder made it list about 2^40 paths before the first result.
+    """
+    if "**" not in pattern:
+        yield from sorted(p for p in glob.iglob(pattern) if Path(p).is_file() and is_image_path(Path(p)))
+        return
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = "/".join(parts[:fixed]) or ("/" if pattern.startswith("/") else "")
+    regex = _glob_regex(parts)
+    for path in _walk_images(base or "."):
+        name = path if base else path.removeprefix("./")
+        if regex.fullmatch(name):
+            yield name
+
+
+def _glob_regex(parts: list[str]) -> re.Pattern[str]:
+    """The regular expression of a glob pattern split at "/": ``**`` is any number of folders, ``*`` and
+    ``?`` stay within one name, and neither matches a leading dot (as Python's glob)."""
+    out = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(r"(?!\.)[^/]*(?:/(?!\.)[^/]*)*" if last else r"(?:(?!\.)[^/]+/)*")
+            continue
+        out.append(("" if part.startswith(".") or not glob.has_magic(part) else r"(?!\.)") + _name_regex(part)
+                   + ("" if last else "/"))
+    return re.compile("".join(out), re.DOTALL)
+
+
+def _name_regex(part: str) -> str:
+    out, i = [], 0
+    while i < len(part):
+        char = part[i]
+        end = part.find("]", i + 2) if char == "[" else -1
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif end > 0:
+            body = part[i + 1:end]
+            body = "^" + body[1:] if body.startswith("!") else body
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return "".join(out)
