@@ -151,10 +151,11 @@ def _render_explained(report, out) -> None:
         return
     names = {"gradient_rollout": "gradient rollout", "rollout": "rollout", "random": f"random ({e.curves.seeds} seeds)"}
     table = Table(title=f"faithfulness: probability of {label} as patch tokens are deleted or inserted "
-                        f"({len(e.curves.fractions) - 1} steps)", header_style="bold", title_justify="left")
+                        f"({len(e.curves.fractions) - 1} steps)", header_style="bold", title_justify="left",
+                  caption="faithful maps: low deletion AUC, high insertion AUC", caption_justify="left")
     table.add_column("map")
-    table.add_column("deletion AUC (lower = faithful)", justify="right")
-    table.add_column("insertion AUC (higher = faithful)", justify="right")
+    table.add_column("deletion AUC", justify="right")
+    table.add_column("insertion AUC", justify="right")
     deletion, insertion = e.curves.auc("deletion"), e.curves.auc("insertion")
     for method, area in deletion.items():
         table.add_row(names.get(method, method), f"{area:.3f}", f"{insertion[method]:.3f}")
