@@ -106,6 +106,28 @@ def test_a_fused_attention_model_is_refused_with_the_reason():
         gradient_rollout(model, torch.randn(1, 3, 160, 160))
 
 
+def test_a_backbone_without_a_classifier_head_is_refused():
+    import timm
+
+    with unfused_attention():
+        model = timm.create_model("test_vit", pretrained=False, num_classes=0).eval()
+    with pytest.raises(AttentionUnavailableError, match="without a classifier head"):
+        gradient_rollout(model, torch.randn(1, 3, 160, 160))
+
+
+def test_register_tokens_are_prefix_tokens_left_out_of_the_map():
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    with unfused_attention():
+        model = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3,
+                                  reg_tokens=4).eval()
+    r = gradient_rollout(model, torch.randn(1, 3, 32, 32), 1)
+    gradient_map, _ = r.patch_maps(5, (0,))
+    assert r.relevance.shape == (1, 21, 21) and gradient_map.shape == (1, 16)
+    assert torch.allclose(gradient_map[0], r.relevance[0, 0, 5:] / r.relevance[0, 0, 5:].sum())
+
+
 LABELS = ["tench", "goldfish", "great white shark", "crane", "golden retriever", "Labrador retriever", "crane"]
 
 

@@ -224,9 +224,10 @@ def _attention_views(model: torch.nn.Module, labels: list[str], x: torch.Tensor,
 
 def _explain_target(model: torch.nn.Module, labels: list[str], options: PatchesOptions) -> int | None:
     """Refuse what --explain cannot explain, and resolve --class, before anything is drawn."""
-    from vitcli.explain.relevance import class_index
+    from vitcli.explain.relevance import class_index, require_classifier
 
     attention_modules(model, "--explain")
+    require_classifier(model)
     require_token_pieces(model)
     if options.explain_class is None:
         return None

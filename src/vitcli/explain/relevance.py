@@ -53,6 +53,14 @@ def relevance_step(running: torch.Tensor, attn: torch.Tensor, grad: torch.Tensor
     return running + cam @ running
 
 
+def require_classifier(model: nn.Module) -> None:
+    """Refuse (exit 2) a model without a classifier head: its outputs are features, not classes to explain."""
+    if getattr(model, "num_classes", None) == 0:
+        raise AttentionUnavailableError(
+            f"--explain needs class logits; {type(model).__name__} was built without a classifier head "
+            "(num_classes=0, e.g. a DINOv2 backbone): fine-tune it on labelled folders first (vitcli finetune)")
+
+
 def gradient_rollout(model: nn.Module, x: torch.Tensor, target: int | Sequence[int] | torch.Tensor | None = None, *,
                      head_fusion: str = "mean", discard_ratio: float = 0.0) -> ClassRelevance:
     """Gradient-weighted attention rollout of ``model`` on ``x`` (B, C, H, W) for the class ``target``.
@@ -63,6 +71,7 @@ def gradient_rollout(model: nn.Module, x: torch.Tensor, target: int | Sequence[i
         head_fusion, discard_ratio: how the plain rollout fuses heads (the gradient rule averages them).
     """
     modules = attention_modules(model, "--explain")
+    require_classifier(model)
     maps: list[torch.Tensor] = []
 
     def keep(module: nn.Module, args: tuple[Any, ...]) -> None:
