@@ -9,9 +9,19 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import TINY_LABELS, make_image
-from test_cli_patches import error_line, invoke
+from vitcli.cli.app import app
 
 runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, ["patches", *map(str, args)])
+
+
+def error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
 
 
 def test_explain_writes_both_pngs_and_the_aucs_in_json(tiny_model_dir, tmp_path):
@@ -105,8 +115,6 @@ def test_prefix_tokens_and_a_non_square_input_are_explained(tmp_path):
 
 
 def test_help_names_the_explain_options():
-    from vitcli.cli.app import app
-
     result = runner.invoke(app, ["patches", "--help"], env={"COLUMNS": "120"})
 
     assert result.exit_code == 0
