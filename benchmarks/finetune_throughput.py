@@ -24,7 +24,8 @@ from timm.optim import create_optimizer_v2
 from vitcli.devices import autocast, resolve_device
 from vitcli.distributed import Rank
 from vitcli.finetune.config import FinetuneConfig
-from vitcli.finetune.loop import build_parts, train_one_epoch
+from vitcli.finetune.loop import train_one_epoch
+from vitcli.finetune.parts import build_parts
 
 MODEL = "deit_tiny_patch16_224"
 NUM_CLASSES = 2

@@ -106,7 +106,7 @@ def test_fp16_training_gets_timms_grad_scaler():
 
     from vitcli.distributed import Rank
     from vitcli.finetune.config import FinetuneConfig
-    from vitcli.finetune.loop import build_parts
+    from vitcli.finetune.parts import build_parts
 
     model = timm.create_model("test_vit", num_classes=2)
     cpu = torch.device("cpu")

@@ -60,12 +60,20 @@ def test_captured_maps_exist_rows_sum_to_one_and_logits_equal_the_fused_model():
 
 
 def test_unfused_attention_restores_timm_flag():
-    from timm.layers import config
+    from timm.layers import set_fused_attn, use_fused_attn
 
-    before = config._USE_FUSED_ATTN
+    assert use_fused_attn()  # timm's default where torch has scaled_dot_product_attention
     with unfused_attention():
-        assert config._USE_FUSED_ATTN == 0
-    assert config._USE_FUSED_ATTN == before
+        assert not use_fused_attn()
+    assert use_fused_attn() and not use_fused_attn(experimental=True)
+
+    set_fused_attn(True, experimental=True)
+    try:
+        with unfused_attention():
+            assert not use_fused_attn(experimental=True)
+        assert use_fused_attn(experimental=True)  # the experimental level comes back too
+    finally:
+        set_fused_attn(True)
 
 
 def test_a_fused_model_is_refused_with_the_fix():

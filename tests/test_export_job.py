@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from conftest import DEIT_WEIGHTS, TINY_LABELS, shared
 from vitcli.cli.app import app
 from vitcli.export.formats import load_exported, read_metadata
-from vitcli.export.job import TOLERANCES, ExportOptions, export_model, load_exportable, output_path
+from vitcli.export.job import export_model, load_exportable, output_path
+from vitcli.export.options import TOLERANCES, ExportOptions
 from vitcli.export.verify import compare
 
 runner = CliRunner()

@@ -12,7 +12,8 @@ from vitcli.export.quantize import accuracy_aware_int8, mean_kl, quantize_int8, 
 def tiny_proto(tiny_model_dir, tmp_path_factory):
     import onnx
 
-    from vitcli.export.job import ExportOptions, export_model
+    from vitcli.export.job import export_model
+    from vitcli.export.options import ExportOptions
 
     options = ExportOptions(output=tmp_path_factory.mktemp("q") / "tiny", verify=False)
     return onnx.load(str(export_model(str(tiny_model_dir), options=options).files[0].path))

@@ -77,7 +77,7 @@ def test_unreadable_files_are_skipped_once_or_fatal_with_strict(tmp_path, data, 
 def test_imbalance_is_reported_and_can_be_balanced(tmp_path, tiny_model_dir):
     import timm
 
-    from vitcli.finetune.loop import build_parts
+    from vitcli.finetune.parts import build_parts
 
     root = class_folders(tmp_path / "data", {"common": 20, "rare": 5})
     record = Recorder()

@@ -285,8 +285,8 @@ def test_distilled_deit_trains_both_heads(tmp_path, data):
     """timm's get_classifier() is (head, head_dist) for distilled models: zero-init, --freeze and the LR cover both."""
     import timm
 
-    from vitcli.finetune.loop import build_parts, classifier_heads
-    from vitcli.finetune.model import build_model
+    from vitcli.finetune.model import build_model, classifier_heads
+    from vitcli.finetune.parts import build_parts
     from vitcli.models.folders import save_model_folder
 
     torch.manual_seed(0)

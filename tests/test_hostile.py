@@ -91,7 +91,7 @@ def test_the_resume_notice_the_finetune_report_and_weights_list_print_names_as_t
     import shutil
 
     from vitcli.cli import finetune as finetune_cli
-    from vitcli.finetune.rundir import RunResult
+    from vitcli.finetune.progress import RunResult
 
     monkeypatch.chdir(tmp_path)
     make_image(Path("a.png"))

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny_model_dir, tmp_path_factory) -> Path:
-    from vitcli.export.job import ExportOptions, export_model
+    from vitcli.export.job import export_model
+    from vitcli.export.options import ExportOptions
 
     result = export_model(str(tiny_model_dir), options=ExportOptions(output=tmp_path_factory.mktemp("onnx") / "tiny"))
     return result.files[0].path

@@ -271,15 +271,16 @@ def build_backends(loaded: Any, names: Sequence[str], workdir: Path, say: Callab
 
 
 def _onnx_file(loaded: Any, workdir: Path, int8: bool, say: Callable[[str], None]) -> Path:
-    from vitcli.export.formats import export_onnx, write_onnx
-    from vitcli.export.job import ExportOptions, _quiet_exporters, export_metadata
+    from vitcli.export.formats import export_onnx, quiet_exporters, write_onnx
+    from vitcli.export.job import export_metadata
+    from vitcli.export.options import ExportOptions
 
     fp32 = workdir / "model.onnx"
     if not fp32.exists():
         say("exporting to ONNX")
         meta = export_metadata(loaded, loaded.name, None, ExportOptions())
         _, h, w = meta["input_size"]
-        with _quiet_exporters():
+        with quiet_exporters():
             export_onnx(loaded.model, torch.randn(2, 3, h, w), fp32, meta, ExportOptions())
     if not int8:
         return fp32
@@ -302,7 +303,8 @@ def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Seq
                   verify_images: Sequence[str] = (), say: Callable[[str], None] | None = None) -> BenchmarkResult:
     """Time ``name`` on every backend and batch size; see the module docstring."""
     from vitcli.export.formats import data_config_of
-    from vitcli.export.job import TOLERANCES, export_metadata, load_exportable
+    from vitcli.export.job import export_metadata, load_exportable
+    from vitcli.export.options import TOLERANCES
     from vitcli.export.verify import batch_of, compare, run_batched, verification_images
 
     say = say or (lambda _: None)
@@ -376,7 +378,7 @@ def _photo_sources(inputs: Sequence[str]) -> list[str]:
 
 
 def _options() -> Any:
-    from vitcli.export.job import ExportOptions
+    from vitcli.export.options import ExportOptions
 
     return ExportOptions()
 

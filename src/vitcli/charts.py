@@ -25,7 +25,8 @@ def _number(value: Any) -> float:
         return math.nan
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG atomically (one DPI for every figure vitcli draws)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from vitcli.io.fileio import atomic_open
@@ -78,7 +79,7 @@ def save_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
         ax.xaxis.get_major_locator().set_params(integer=True)
     loss_ax.set_title("loss")
     acc_ax.set_title("validation accuracy")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_confusion_matrix(matrix: Any, labels: Sequence[str], path: Path, title: str = "") -> Path:
@@ -131,7 +132,7 @@ def save_confusion_matrix(matrix: Any, labels: Sequence[str], path: Path, title:
     accuracy = np.trace(counts) / total if total else 0.0
     subtitle = f"{total} images, accuracy {accuracy:.1%}"
     ax.set_title(f"{title}\n{subtitle}" if title else subtitle)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_reliability_diagram(bins: Sequence[Any], path: Path, title: str = "", ece: float | None = None,
@@ -177,7 +178,7 @@ def save_reliability_diagram(bins: Sequence[Any], path: Path, title: str = "", e
     parts.append(f"temperature {temperature:.3g}" if temperature is not None else "no temperature")
     subtitle = ", ".join(parts)
     ax.set_title(f"{title}\n{subtitle}" if title else subtitle, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_mistakes_grid(mistakes: Sequence[Any], path: Path, title: str = "", columns: int = 5,
@@ -219,7 +220,7 @@ def save_mistakes_grid(mistakes: Sequence[Any], path: Path, title: str = "", col
     if n == 0:
         axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center", va="center", transform=axes[0, 0].transAxes)
     fig.suptitle(title or "most confident mistakes", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _short(label: str, limit: int = 18) -> str:

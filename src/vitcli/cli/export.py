@@ -77,7 +77,8 @@ def export(
     """
     with handled_errors():
         from vitcli.console import err, out
-        from vitcli.export.job import ExportOptions, export_model
+        from vitcli.export.job import export_model
+        from vitcli.export.options import ExportOptions
 
         stem = output or Path("exported") / Path(model.rstrip("/")).name.replace("local-dir:", "")
         options = ExportOptions(

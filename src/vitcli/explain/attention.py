@@ -38,14 +38,14 @@ _UNSUPPORTED = {
 @contextlib.contextmanager
 def unfused_attention() -> Iterator[None]:
     """Build models inside this block so their attention modules compute explicit weights."""
-    from timm.layers import config, set_fused_attn
+    from timm.layers import set_fused_attn, use_fused_attn
 
-    saved = config._USE_FUSED_ATTN  # timm keeps the flag here; set_fused_attn has no getter
+    experimental, enabled = use_fused_attn(experimental=True), use_fused_attn()  # timm's public getter
     set_fused_attn(False)
     try:
         yield
     finally:
-        config._USE_FUSED_ATTN = saved
+        set_fused_attn(enabled, experimental=experimental)
 
 
 def attention_modules(model: nn.Module, option: str = "--attention") -> list[nn.Module]:

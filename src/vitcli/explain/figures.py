@@ -1,7 +1,7 @@
 """PNGs for `vitcli patches`: the patch grid, the token strip, attention heatmaps, rollout, Fig. 7.
 
 One look with ``vitcli.charts``: matplotlib's object API on the Agg canvas (no pyplot state), the
-same DPI and atomic writes (``plots._save``). Heatmaps are blended over the preprocessed image at
+same DPI and atomic writes (``charts.save_figure``). Heatmaps are blended over the preprocessed image at
 its own aspect, every heatmap has a colour bar with units and every title names the model (and the
 layer and head where there is one). Never prints.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from vitcli.charts import _save
+from vitcli.charts import save_figure
 from vitcli.explain.tokens import TokenLayout
 
 HEAT_CMAP = "inferno"
@@ -99,7 +99,7 @@ def save_patch_grid(pixels: np.ndarray, layout: TokenLayout, path: Path) -> Path
     ax.set_ylabel("y (pixels)")
     ax.set_title(f"{layout.model}: {layout.input_size[1]}x{layout.input_size[2]} input\n{_grid_words(layout)}\n"
                  "numbered in token order (left to right, top to bottom)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_token_strip(pixels: np.ndarray, layout: TokenLayout, path: Path) -> Path:
@@ -132,7 +132,7 @@ def save_token_strip(pixels: np.ndarray, layout: TokenLayout, path: Path) -> Pat
     order = f"; patch k is token t(k+{layout.prefix_tokens})" if layout.prefix_tokens else ""
     ax.set_title(f"{layout.model}: token sequence, T = {prefix} + {n} patches = {layout.sequence_length}\n"
                  f"prefix tokens first, then the patches in reading order{order}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------- attention
@@ -204,7 +204,7 @@ def save_attention_grid(pixels: np.ndarray, maps: Any, layers: Sequence[int], he
     which = (f"layer{'s' if n_rows > 1 else ''} {_span(layers)}, "
              f"head{'s' if n_cols > 1 else ''} {_span(heads)}")
     ax.set_title(f"{layout.model}: attention of {source} to each patch\n{which}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_rollout(pixels: np.ndarray, rollout: Any, layout: TokenLayout, head_fusion: str, discard_ratio: float,
@@ -231,7 +231,7 @@ def save_rollout(pixels: np.ndarray, rollout: Any, layout: TokenLayout, head_fus
                  label="share / uniform share (1 = even)")
     prediction = f"\ntop-1: {top1.label} ({top1.prob:.1%})" if top1 is not None else ""
     fig.suptitle(f"{layout.model}: attention rollout of {source}{prediction}", fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _span(numbers: Sequence[int]) -> str:
@@ -336,7 +336,7 @@ def save_figure7(components: Any, similarity: Any, distance: Any, layout: TokenL
             bar = fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=right, shrink=0.8, label="head")
             bar.ax.yaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(f"{layout.model}: ViT paper Fig. 7 ({_grid_words(layout)})", fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _head_colour(value: float) -> Any:

@@ -6,21 +6,21 @@ and writes one file (or, for ``timm``, one folder) atomically with the metadata 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from vitcli import __version__
+from vitcli.export.options import ExportOptions
 from vitcli.io.preprocess import DATA_KEYS
 from vitcli.models.folders import save_model_folder
-
-if TYPE_CHECKING:
-    from vitcli.export.job import ExportOptions
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2", "timm": "-timm"}
 METADATA_FILE = "vitcli.json"  # inside .pt/.pt2 archives, and the name of the timm folder's copy
@@ -38,6 +38,15 @@ def data_config_of(meta: dict[str, Any], size: tuple[int, int] | None = None) ->
     if size is not None:
         cfg["input_size"] = [cfg["input_size"][0], *size]
     return cfg
+
+
+
+@contextlib.contextmanager
+def quiet_exporters() -> Iterator[None]:
+    """The exporters warn and print progress; vitcli's stdout is for results only."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")
+        yield
 
 
 # ---------------------------------------------------------------------------------- exporters

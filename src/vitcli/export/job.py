@@ -8,12 +8,9 @@ and fused attention off, so the graphs hold plain ops (no scaled_dot_product_att
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import sys
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,44 +27,14 @@ from vitcli.export.formats import (
     data_config_of,
     load_exported,
     patch_size,
+    quiet_exporters,
     write_onnx,
 )
+from vitcli.export.options import FORMATS, OPSET, TOLERANCES, ExportOptions
 from vitcli.inference.onnx_engine import import_onnxruntime
 from vitcli.models.resolve import LoadedModel, load_model
 
-OPSET = 18  # the first opset with LayerNormalization-era ops everywhere we need; ONNX Runtime >= 1.14 runs it
-FORMATS = ("onnx", "torchscript", "pt2", "timm")
 VERIFY_BATCH = 16
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    max_abs_logit: float | None  # None: reported, not checked
-    min_top1: float
-    max_kl: float
-
-
-TOLERANCES = {
-    "fp32": Tolerance(1e-3, 1.0, 1e-5),
-    "fp16": Tolerance(0.25, 0.98, 1e-3),
-    "int8": Tolerance(None, 0.95, 0.05),
-}
-
-
-@dataclass
-class ExportOptions:
-    formats: Sequence[str] = ("onnx",)
-    output: Path = Path("exported/model")  # a stem: each format adds its suffix
-    precision: str = "fp32"  # fp32 or fp16 (for GPU runtimes)
-    quantize: str | None = None  # "int8": also an int8 ONNX file
-    int8_target: float | None = None  # accuracy-aware int8: top-1 agreement to reach on calibration images
-    calibration: Sequence[str] = ()  # image sources for the accuracy-aware mode
-    verify: bool = True
-    verify_images: Sequence[str] = ()  # image sources; empty: generated images
-    dynamic_size: bool = False
-    opset: int = OPSET
-    max_logit_diff: float | None = None  # overrides TOLERANCES
-    min_agreement: float | None = None
 
 
 @dataclass
@@ -241,7 +208,7 @@ def export_model(name: str, weights: str | Path | None = None, options: ExportOp
         file_meta = {**meta, "format": fmt, "precision": options.precision}
         if fmt == "onnx":
             file_meta["opset"] = options.opset
-        with _quiet_exporters():
+        with quiet_exporters():
             try:
                 EXPORTERS[fmt](_cast(model, dtype), example.to(dtype), path, file_meta, options)
             except (UsageError, ExportError):
@@ -278,9 +245,9 @@ def _export_int8(files: list[ExportedFile], meta: dict, options: ExportOptions, 
         quant = {"scheme": "dynamic", "weights": "int8 per-channel", "reduce_range": not has_vnni(),
                  "matmuls_int8": len(weight_matmuls(fp32)), "matmuls_fp32": []}
     else:
-        from vitcli.export.verify import _load_all, batch_of
+        from vitcli.export.verify import batch_of, load_readable
 
-        batch = batch_of(_load_all(calibration), data_config_of(meta))
+        batch = batch_of(load_readable(calibration), data_config_of(meta))
         result = accuracy_aware_int8(fp32, _run_proto, batch, options.int8_target, say)
         proto = result.model
         quant = {"scheme": "dynamic, accuracy-aware", "weights": "int8 per-channel",
@@ -319,9 +286,9 @@ def verification_sizes(meta: dict, dynamic_size: bool) -> list[tuple[int, int]]:
 
 def _verify_all(files: list[ExportedFile], loaded: LoadedModel, meta: dict, options: ExportOptions,
                 sources: list[str], say: Callable[[str], None]) -> None:
-    from vitcli.export.verify import _load_all, batch_of, compare, run_batched, verification_images
+    from vitcli.export.verify import batch_of, compare, load_readable, run_batched, verification_images
 
-    images, what = (_load_all(sources), f"{len(sources)} --verify-images") if sources else verification_images(())
+    images, what = (load_readable(sources), f"{len(sources)} --verify-images") if sources else verification_images(())
     if not images:
         raise UsageError("no readable image among --verify-images")
     say(f"verifying on {what}")
@@ -381,11 +348,3 @@ def _import_onnx_exporter() -> None:
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise MissingExtraError(INSTALL_HINT) from e
-
-
-@contextlib.contextmanager
-def _quiet_exporters():
-    """The exporters warn and print progress; vitcli's stdout is for results only."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-        warnings.simplefilter("ignore")
-        yield

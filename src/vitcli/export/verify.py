@@ -46,15 +46,16 @@ def image_sources(inputs: Sequence[str], what: str) -> list[str]:
 def verification_images(inputs: Sequence[str]) -> tuple[list[Image.Image], str]:
     """The images verification runs on and a description: the given ones, else the built-in set."""
     if inputs:
-        images = _load_all(image_sources(inputs, "--verify-images"))
+        images = load_readable(image_sources(inputs, "--verify-images"))
         return images, f"{len(images)} images from --verify-images"
     images = generated_images()
-    examples = _load_all(image_sources([str(EXAMPLES_DIR)], "examples")) if EXAMPLES_DIR.is_dir() else []
+    examples = load_readable(image_sources([str(EXAMPLES_DIR)], "examples")) if EXAMPLES_DIR.is_dir() else []
     what = f"{len(images)} generated images" + (f" and {len(examples)} repository examples" if examples else "")
     return images + examples, what
 
 
-def _load_all(sources: Sequence[str]) -> list[Image.Image]:
+def load_readable(sources: Sequence[str]) -> list[Image.Image]:
+    """The images among ``sources`` that load; unreadable ones are left out."""
     images = []
     for source in sources:
         try:

@@ -81,7 +81,7 @@ class FinetuneConfig:
     device: str = "auto"
     workers: int | None = None  # DataLoader processes per training process (None: CPU cores, at most 4)
     seed: int = 0
-    patience: int | None = None  # stop after N epochs without improvement (see loop.MIN_DELTA; None: off)
+    patience: int | None = None  # stop after N epochs without improvement (see progress.MIN_DELTA; None: off)
     max_steps: int | None = None  # smoke runs: stop after N optimizer steps in total
     project: str = "runs/finetune"
     name: str | None = None  # run folder name (default exp, exp2, exp3, ...)

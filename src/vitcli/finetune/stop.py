@@ -11,7 +11,7 @@ from typing import Any
 
 from vitcli.errors import NonFiniteLossError, TrainingInterrupted
 from vitcli.finetune.config import STATE_FILE, FinetuneConfig
-from vitcli.finetune.rundir import Progress
+from vitcli.finetune.progress import Progress
 
 
 def non_finite(e: NonFiniteLossError, run_dir: Path, epoch: int) -> NonFiniteLossError:
