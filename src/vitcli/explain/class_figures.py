@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from vitcli.explain.figures import HEAT_CMAP, blend_heat, heat_norm, image_inches, new_figure, save_figure
+from vitcli.charts import save_figure
+from vitcli.explain.figures import HEAT_CMAP, blend_heat, heat_norm, image_inches, new_figure
 from vitcli.explain.tokens import TokenLayout
 
 METHOD_NAMES = {"gradient_rollout": "gradient rollout", "rollout": "rollout", "random": "random order"}

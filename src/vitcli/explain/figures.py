@@ -42,11 +42,6 @@ def new_figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def save_figure(fig: Any, path: Path) -> Path:
-    """Write ``fig`` as a PNG, atomically, at the DPI of every vitcli figure."""
-    return _save(fig, path)
-
-
 def image_inches(pixels: np.ndarray, longest: float = 7.0) -> tuple[float, float]:
     """(width, height) in inches for an image drawn with its longest side ``longest`` inches."""
     h, w = pixels.shape[:2]
