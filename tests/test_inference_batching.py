@@ -9,25 +9,7 @@ import numpy as np
 import torch
 
 from conftest import make_image
-from vitcli.inference.batching import ImageSourceDataset, collate_images, decoded_batches, scored_batches
-
-
-def test_an_accelerator_is_fed_by_dataloader_processes_the_cpu_inline(tmp_path):
-    sources = [str(make_image(tmp_path / f"d{i}.png", size=(40, 30), seed=i)) for i in range(5)]
-    dataset = ImageSourceDataset(sources, lambda img: torch.from_numpy(np.array(img)))
-
-    on_gpu = decoded_batches(dataset, 2, collate_images, torch.device("cuda"), workers=2)
-    on_cpu = decoded_batches(dataset, 2, collate_images, torch.device("cpu"), workers=2)
-
-    assert isinstance(on_gpu, torch.utils.data.DataLoader) and on_gpu.num_workers == 2
-    assert not isinstance(on_cpu, torch.utils.data.DataLoader)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # pin_memory without a GPU
-        gpu_batches = list(on_gpu)
-    cpu_batches = list(on_cpu)
-    assert [len(errors) for _, errors in cpu_batches] == [2, 2, 1]
-    for (a, a_errors), (b, b_errors) in zip(gpu_batches, cpu_batches, strict=True):
-        assert torch.equal(a, b) and a_errors == b_errors
+from vitcli.inference.batching import ImageSourceDataset, collate_images, scored_batches
 
 
 def test_cpu_streams_score_whole_batches_in_order_on_their_share_of_threads(tmp_path):

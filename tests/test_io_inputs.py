@@ -9,7 +9,7 @@ from PIL import Image
 from conftest import make_image
 from vitcli.errors import UsageError
 from vitcli.io.images import load_image
-from vitcli.io.inputs import expand_inputs, read_path_list
+from vitcli.io.inputs import expand_inputs, iter_path_list
 from vitcli.io.preprocess import draft_size_for
 from vitcli.io.transforms import eval_transform
 
@@ -71,24 +71,24 @@ def test_expand_reports_missing_paths_empty_folders_and_unmatched_globs(tmp_path
     assert problems[2].reason == "no image matches this pattern"
 
 
-def test_read_path_list_skips_blank_lines_and_comments(tmp_path):
+def test_iter_path_list_skips_blank_lines_and_comments(tmp_path):
     list_file = tmp_path / "list.txt"
     list_file.write_text("# my photos\na.jpg\n\n   b.png  \n  # indented comment\nhttps://x/y.jpg\n")
 
-    assert read_path_list(str(list_file)) == ["a.jpg", "b.png", "https://x/y.jpg"]
+    assert list(iter_path_list(str(list_file))) == ["a.jpg", "b.png", "https://x/y.jpg"]
 
 
-def test_read_path_list_dash_reads_stdin(monkeypatch):
+def test_iter_path_list_dash_reads_stdin(monkeypatch):
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO("one.jpg\n# skip\ntwo.jpg\n"))
 
-    assert read_path_list("-") == ["one.jpg", "two.jpg"]
+    assert list(iter_path_list("-")) == ["one.jpg", "two.jpg"]
 
 
-def test_read_path_list_missing_file_is_a_usage_error_naming_it(tmp_path):
+def test_iter_path_list_missing_file_is_a_usage_error_naming_it(tmp_path):
     with pytest.raises(UsageError, match=r"--files-from '.*nope.txt' does not exist") as info:
-        read_path_list(str(tmp_path / "nope.txt"))
+        iter_path_list(str(tmp_path / "nope.txt"))  # at once, before any line is read
     assert info.value.exit_code == 2
 
 

@@ -14,11 +14,6 @@ DEFAULT_MODEL = "deit_tiny_patch16_224"
 EMBEDDED_DIR = Path(__file__).resolve().parent
 
 
-def embedded_names() -> list[str]:
-    """Names of the models shipped in the package."""
-    return sorted(p.name for p in EMBEDDED_DIR.iterdir() if (p / "config.json").is_file())
-
-
 def embedded_model(name: str) -> Path | None:
     """The shipped model folder (timm hub layout) for ``name``, or None."""
     if not name or "/" in name or name.startswith("."):

@@ -1,8 +1,8 @@
 """How batches are decoded and scored, shared by predict, evaluate and training benchmarks.
 
-On a GPU, DataLoader worker processes decode ahead while the device computes (``decoded_batches``).
-On the CPU, where decoding and the model need the same cores, per-core streams each decode a batch
-and run the model on it with their share of torch's threads (``scored_batches``; README, "Speed").
+On a GPU, DataLoader worker processes decode ahead while the device computes. On the CPU, where
+decoding and the model need the same cores, per-core streams each decode a batch and run the model
+on it with their share of torch's threads (``scored_batches``; docs/predict.md, "Speed").
 """
 
 from __future__ import annotations
@@ -73,25 +73,6 @@ def default_workers(processes: int | None = None) -> int:
     return min(4, max(usable_cpus() // max(processes, 1), 1))
 
 
-def decoded_batches(dataset: torch.utils.data.Dataset, batch_size: int, collate: Callable[[list], Any],
-                    device: torch.device, workers: int | None = None) -> Iterable[Any]:
-    """``collate(items)`` for each run of ``batch_size`` dataset items, in order.
-
-    For an accelerator, ``workers`` DataLoader processes (default ``default_workers()``, 0: none)
-    decode ahead while the device computes. For the CPU, the calling thread decodes (the CPU's
-    parallel scheme is ``scored_batches``' streams).
-    """
-    if device.type == "cpu":
-        n = len(dataset)
-        return (collate([dataset[i] for i in range(first, min(first + batch_size, n))])
-                for first in range(0, n, batch_size))
-    workers = min(default_workers() if workers is None else workers, len(dataset))
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
-    )
-
-
 def scored_batches(dataset: torch.utils.data.Dataset, batch_size: int, collate: Callable[[list], Any],
                    score: Callable[[Any], Any], device: torch.device, workers: int | None = None) -> Iterator[Any]:
     """``score(collate(items))`` for each run of ``batch_size`` dataset items, in order.
@@ -117,7 +98,7 @@ def scored_key_batches(dataset: Any, keys: Iterable[Any], batch_size: int, colla
     per batch: a job too small to give every stream full batches is cut into equal ones. No core
     waits for another, and the decoding of one stream fills the time the other spends in the model.
     DataLoader workers decoding beside a 2-thread forward pass, or all cores decoding a batch and
-    then running the model in turns, measured slower on 2 cores (README, "Speed"). While the streams
+    then running the model in turns, measured slower on 2 cores (docs/predict.md, "Speed"). While the streams
     run, torch's thread count is the per-stream share; it is restored after. Elsewhere
     (``workers=0``, one thread, or an accelerator) batches come from DataLoader processes (an
     accelerator) or the calling thread (the CPU) and are scored in the calling thread.

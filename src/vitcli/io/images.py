@@ -81,7 +81,7 @@ def load_image(source: str, draft_size: tuple[int, int] | None = None) -> Image.
     Args:
         source: a path or an http(s) URL.
         draft_size: for JPEGs, let libjpeg decode at a reduced scale that still covers this
-            (width, height); much faster for large photos (see README, "Speed").
+            (width, height); much faster for large photos (see docs/predict.md, "Speed").
     """
     return _load(source, draft_size, tensor_ok=False)
 

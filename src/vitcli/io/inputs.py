@@ -34,13 +34,10 @@ def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def read_path_list(list_file: str) -> list[str]:
-    """Paths from a text file, one per line (``-`` reads stdin); blank lines and # comments skipped."""
-    return list(iter_path_list(list_file))
-
-
 def iter_path_list(list_file: str) -> Iterator[str]:
-    """``read_path_list`` one line at a time (a list of millions of paths is never held whole).
+    """Paths from a text file, one per line (``-`` reads stdin); blank lines and # comments skipped.
+
+    Read one line at a time: a list of millions of paths is never held whole.
 
     A missing list file is reported here, at once, not when the first line is read.
     """
