@@ -440,3 +440,88 @@ def test_cli_under_torchrun_sums_the_ranks_counts(tiny_model_dir, tmp_path):
     assert got["skipped"] == expected["skipped"]
     assert (got["top1"], got["top5"]) == (expected["top1"], expected["top5"])
     assert got["loss"] == pytest.approx(expected["loss"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------ mistakes
+
+
+def test_planted_label_errors_come_first_among_the_mistakes(tmp_path):
+    """Red images filed under green and blue are the most confident mistakes; a dull image the oracle
+    gets wrong with little confidence comes after them."""
+    root = tmp_path / "val"
+    for i in range(3):
+        solid(root / "red" / f"r{i}.png", "red")
+        solid(root / "green" / f"g{i}.png", "green")
+        solid(root / "blue" / f"b{i}.png", "blue")
+    planted = [solid(root / "green" / "planted_red.png", "red"), solid(root / "blue" / "planted_green.png", "green")]
+    dull = root / "red" / "dull.png"
+    Image.new("RGB", (40, 40), (120, 128, 110)).save(dull)  # green by a hair: a mistake, but not a confident one
+
+    result = evaluate_model(channel_model(["red", "green", "blue"]), root, workers=0, precision="fp32", mistakes=10)
+
+    # the two planted images are equally sure (ties go by path: blue/ before green/), then the dull one
+    assert [m.path for m in result.mistakes] == [str(planted[1]), str(planted[0]), str(dull)]
+    first = result.mistakes[0]
+    assert first.prob > 0.9 and first.label_prob < 0.05 and first.prob > result.mistakes[-1].prob
+    assert result.mistakes[-1].path == str(dull) and result.mistakes[-1].prob < 0.5
+    red = next(m for m in result.mistakes if m.path.endswith("planted_red.png"))
+    assert (red.label, red.predicted) == ("green", "red")
+    assert result.confused[0][2] == 1 and len(result.confused) == 3  # three off-diagonal cells of one image each
+    assert len(evaluate_model(channel_model(["red", "green", "blue"]), root, workers=0, mistakes=1).mistakes) == 1
+
+
+def test_cli_mistakes_in_json_and_table_and_the_png(tmp_path):
+    import vitcli.models.resolve as resolve
+
+    root = tmp_path / "val"
+    for i in range(2):
+        solid(root / "red" / f"r{i}.png", "red")
+        solid(root / "green" / f"g{i}.png", "green")
+    solid(root / "green" / "planted.png", "red")
+    png = tmp_path / "mistakes.png"
+    loaded = channel_model(["red", "green", "blue"])
+    original = resolve.load_model
+    resolve.load_model = lambda *a, **k: loaded  # the oracle as the CLI's model
+    try:
+        doc = json.loads(invoke(str(root), "--json", "-j", "0", "--mistakes", "5", "--precision", "fp32").stdout)
+        table = invoke(str(root), "-j", "0", "--mistakes-png", str(png), "--precision", "fp32")
+    finally:
+        resolve.load_model = original
+    assert doc["mistakes"] == [{"path": str(root / "green" / "planted.png"), "label": "green", "predicted": "red",
+                                "prob": pytest.approx(doc["mistakes"][0]["prob"]),
+                                "label_prob": pytest.approx(doc["mistakes"][0]["label_prob"])}]
+    assert doc["most_confused"] == [{"label": "green", "predicted": "red", "images": 1}]
+    assert table.exit_code == 0, table.output
+    assert "most confident mistakes" in table.stdout and "planted.png" in table.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_label_audit_finds_photos_filed_under_the_wrong_class(tmp_path):
+    """hymenoptera/val with 6 photos moved to the other class, scored by the shipped DeiT-Tiny restricted
+    to ImageNet's ant (310) and bee (309) rows: at least 5 of the 6 are among the first 15 mistakes."""
+    import random
+
+    import timm
+
+    from vitcli.models.folders import save_model_folder
+
+    root = tmp_path / "val"
+    shutil.copytree(shared("hymenoptera", "val"), root)
+    rng = random.Random(0)
+    moved = []
+    for source, target in (("ants", "bees"), ("bees", "ants")):
+        for path in rng.sample(sorted((root / source).iterdir()), 3):
+            moved.append(str(root / target / path.name))
+            path.rename(moved[-1])
+    shipped = load_model()
+    two = timm.create_model(shipped.arch, pretrained=False, num_classes=2)
+    state = shipped.model.state_dict()
+    state["head.weight"], state["head.bias"] = state["head.weight"][[310, 309]], state["head.bias"][[310, 309]]
+    two.load_state_dict(state)
+    folder = save_model_folder(two.eval(), tmp_path / "antbee", ["ants", "bees"], shipped.data_config)
+
+    result = evaluate_model(load_model(str(folder)), root, mistakes=15, precision="fp32")
+
+    found = [m.path for m in result.mistakes if m.path in moved]
+    assert len(found) >= 5, [m.path for m in result.mistakes]

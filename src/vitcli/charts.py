@@ -155,7 +155,7 @@ def save_reliability_diagram(bins: Sequence[Any], path: Path, title: str = "", e
            edgecolor="white", label="accuracy")
     gaps = [b.confidence - b.accuracy for b in full]
     ax.bar([b.lo for b in full], gaps, bottom=[b.accuracy for b in full], width=width, align="edge",
-           color="#d65f5f", alpha=0.35, edgecolor="#d65f5f", hatch="//", label="gap to mean confidence")
+           facecolor="none", edgecolor="#d65f5f", hatch="//", label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="perfect calibration")
     ax.plot([b.confidence for b in full], [b.accuracy for b in full], "o", color="black", markersize=3,
             label="(mean confidence, accuracy)")

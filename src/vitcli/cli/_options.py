@@ -64,3 +64,7 @@ WorkersOpt = Annotated[int | None, typer.Option(
          "(default: CPU cores, at most 4). 0: decode inline.",
 )]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")]
+NoCalibrationOpt = Annotated[bool, typer.Option(
+    "--no-calibration",
+    help="Show the plain softmax even if the model has a stored temperature (vitcli finetune and "
+         "vitcli calibrate store one; it changes the probabilities, never the top-1).")]

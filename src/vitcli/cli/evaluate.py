@@ -14,6 +14,7 @@ from vitcli.cli._options import (
     DEFAULT_MODEL,
     BatchSizeOpt,
     DeviceOpt,
+    NoCalibrationOpt,
     Precision,
     PrecisionOpt,
     WeightsOpt,
@@ -22,9 +23,6 @@ from vitcli.cli._options import (
 from vitcli.cli._render import escape, progress_bar
 
 MATRIX_TABLE_MAX_CLASSES = 30  # larger confusion matrices: --json or --confusion-png
-NoCalibrationOpt = Annotated[bool, typer.Option(
-    "--no-calibration",
-    help="Show the plain softmax even if the model has a stored temperature (see vitcli calibrate).")]
 
 
 def evaluate(

@@ -283,6 +283,26 @@ class _View:
         err.print(table)
 
 
+    def on_calibrate(self, info: dict[str, Any]) -> None:
+        from vitcli.console import err
+
+        self.close()
+        self.status = err.status(f"fitting the temperature on {info['images']} val images")
+        self.status.start()
+
+    def on_calibrated(self, info: dict[str, Any]) -> None:
+        from vitcli.console import err
+
+        self.close()
+        for name, fitted in info["temperatures"].items():
+            if fitted.temperature is None:
+                err.print(f"{name}/: no temperature fitted: {escape(fitted.reason)}", highlight=False)
+            else:
+                err.print(f"{name}/: temperature {fitted.temperature:.3f} (val NLL {fitted.nll_before:.4f} -> "
+                          f"{fitted.nll_after:.4f}, ECE {fitted.ece_before:.4f} -> {fitted.ece_after:.4f})",
+                          highlight=False)
+
+
 def _report(result: Any) -> None:
     from vitcli.console import err, out
 

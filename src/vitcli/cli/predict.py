@@ -15,6 +15,7 @@ from vitcli.cli._options import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    NoCalibrationOpt,
     Precision,
     PrecisionOpt,
     WeightsOpt,
@@ -53,6 +54,7 @@ def predict(
     exact_decode: Annotated[bool, typer.Option(
         "--exact-decode", help="Decode JPEGs at full size (slower; by default libjpeg downscales large "
                                "photos, never below the model's resize target).")] = False,
+    no_calibration: NoCalibrationOpt = False,
 ) -> None:
     """Predict the top-k labels of images, streaming results as each batch is done, in input order.
 
@@ -82,7 +84,8 @@ def predict(
         job = PredictJob(raw, files_from, output, shard=Shard.parse(shard) if shard else None,
                          rank=torchrun_rank())
         options = PredictOptions(top_k=top_k, batch_size=batch_size, workers=workers, device=device,
-                                 precision=precision.value, tta=tta, fast_decode=not exact_decode)
+                                 precision=precision.value, tta=tta, fast_decode=not exact_decode,
+                                 calibrated=not no_calibration)
         _run(job, options, model, weights, json_out, csv_out)
         if not job.tally.ok:
             raise typer.Exit(1)
@@ -165,7 +168,8 @@ def _onnx_predictor(path: str, options):
     from vitcli.inference.onnx_engine import load_onnx, predict_onnx
 
     model = load_onnx(path, options.device)
-    return lambda sources: predict_onnx(model, sources, options.top_k, options.batch_size, options.tta)
+    return lambda sources: predict_onnx(model, sources, options.top_k, options.batch_size, options.tta,
+                                         options.calibrated)
 
 
 def _check_onnx_options(options, weights: Path | None) -> None:

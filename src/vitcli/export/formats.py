@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from vitcli import __version__
+from vitcli.calibration import TEMPERATURE_KEY, store_temperature
 from vitcli.export.options import ExportOptions
 from vitcli.io.preprocess import DATA_KEYS
 from vitcli.models.folders import save_model_folder
@@ -120,6 +121,8 @@ def export_timm(model: torch.nn.Module, example: torch.Tensor, path: Path, meta:
     data_config = data_config_of(meta)
     data_config["input_size"] = tuple(data_config["input_size"])
     save_model_folder(model, path, meta["labels"], data_config)
+    if meta.get(TEMPERATURE_KEY) is not None:  # in the folder's config.json too, where predict reads it
+        store_temperature(path, meta[TEMPERATURE_KEY])
     return path
 
 

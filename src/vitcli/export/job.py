@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from vitcli import __version__
+from vitcli.calibration import TEMPERATURE_KEY, model_temperature
 from vitcli.errors import ExportError, UsageError, VerificationError, first_line
 from vitcli.export.formats import (
     EXPORTERS,
@@ -124,6 +125,7 @@ def export_metadata(loaded: LoadedModel, name: str, weights: str | Path | None, 
         "crop_mode": cfg.get("crop_mode", "center"),
         "dynamic_size": options.dynamic_size,
         "patch_size": patch_size(loaded.model),
+        TEMPERATURE_KEY: model_temperature(loaded),  # predict divides the logits by it; None: plain softmax
     }
 
 

@@ -44,6 +44,7 @@ from vitcli.finetune.parts import TrainParts, build_parts
 from vitcli.finetune.progress import Progress, RunResult
 from vitcli.finetune.sampling import epoch_seed, seed_everything, set_rng_state
 from vitcli.finetune.stop import interrupted, non_finite, stop_on_signals
+from vitcli.finetune.temperature import calibrate_run
 from vitcli.io.datasets import FolderData
 from vitcli.metrics import ScoreSums
 
@@ -158,27 +159,21 @@ def _mix(parts: TrainParts, images: torch.Tensor, targets: torch.Tensor) -> tupl
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
-             device: torch.device, precision: str = "fp32", dist: Rank = Rank(),
-             keep_logits: bool = False) -> dict[str, Any]:
+             device: torch.device, precision: str = "fp32", dist: Rank = Rank()) -> dict[str, Any]:
     """Validation loss (plain cross-entropy), top-1 accuracy, top-5 where there are more than 5 classes
     (``val_top5`` is left out otherwise), and the confusion matrix: ``metrics.ScoreSums``, the counts
     ``vitcli evaluate`` keeps too.
 
     Under torchrun each rank evaluates its share and the sums are reduced over the ranks.
-    ``keep_logits``: also return this rank's fp32 ``logits`` (N, C) and ``targets`` (for the temperature).
     """
     model.eval()
     sums = ScoreSums(num_classes)
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-
     def score_my_share() -> None:
         for images, target in batches:
             images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = model(images)  # (B, C)
             sums.add(logits.float(), target)
-            if keep_logits:
-                kept.append((logits.float().cpu(), target.cpu()))
 
     # a failure on one rank (a decode error, out of memory) reaches every rank before the sums are reduced
     on_every_rank(score_my_share, dist)
@@ -188,9 +183,6 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     if sums.topk is not None:
         metrics["val_top5"] = sums.topk if sums.count else 0.0
     metrics |= {"confusion": sums.matrix, "count": sums.count}
-    if keep_logits:
-        metrics["logits"] = torch.cat([x for x, _ in kept]) if kept else torch.zeros(0, num_classes)
-        metrics["targets"] = torch.cat([t for _, t in kept]) if kept else torch.zeros(0, dtype=torch.long)
     return metrics
 
 
@@ -339,7 +331,12 @@ def _fit(config: FinetuneConfig, callback: Callback | None, dist: Rank, device: 
             if any_rank(stop.requested(), dist):
                 raise interrupted(config, run_dir, progress, stop.signal)
 
-    # 5. figures
+    # 5. the temperature of best/ and last/, fitted on the validation split (a resumed run's too)
+    emit("calibrate", {"images": len(data.val)})
+    temperatures = calibrate_run(run_dir, parts.saved_model, classes, val_loader, device, precision, dist)
+    emit("calibrated", {"temperatures": temperatures})
+
+    # 6. figures
     on_rank0(lambda: rundir.write_figures(run_dir, progress, classes), dist)
     result = RunResult(run_dir=run_dir, best_top1=progress.best_top1, best_epoch=progress.best_epoch,
                        epochs_done=progress.epoch, global_step=progress.global_step, stopped=stopped,

@@ -55,6 +55,13 @@ class OnnxModel:
         return {k: self.metadata[k] for k in DATA_KEYS if k in self.metadata}
 
     @property
+    def temperature(self) -> float | None:
+        """The stored calibration temperature (``vitcli calibrate``/``finetune``), None if there is none."""
+        from vitcli.calibration import TEMPERATURE_KEY, checked_temperature
+
+        return checked_temperature(self.metadata.get(TEMPERATURE_KEY), f"the metadata of '{self.path}'")
+
+    @property
     def input_name(self) -> str:
         return self.session.get_inputs()[0].name
 
@@ -137,15 +144,21 @@ def load_onnx(path: str | Path, device: str = "auto", threads: int | None = None
     return OnnxModel(session, path, meta)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` (no temperature: of the logits)."""
+    if temperature is not None:
+        logits = logits / np.float32(temperature)
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
 
 
 def predict_onnx(model: OnnxModel, sources: Iterable[str], top_k: int = 5, batch_size: int = 32,
-                 tta: bool = False) -> Iterator[Any]:
-    """Yield one ``vitcli.inference.predict.Prediction`` per source, in order; a bad image yields its error."""
+                 tta: bool = False, calibrated: bool = True) -> Iterator[Any]:
+    """Yield one ``vitcli.inference.predict.Prediction`` per source, in order; a bad image yields its error.
+
+    ``calibrated``: apply the temperature stored in the file's metadata, if any (False: plain softmax).
+    """
     from vitcli.inference.predict import Label, Prediction
 
     if top_k < 1:
@@ -153,6 +166,7 @@ def predict_onnx(model: OnnxModel, sources: Iterable[str], top_k: int = 5, batch
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     labels, config = model.labels, model.data_config
+    temperature = model.temperature if calibrated else None
     top_k = min(top_k, len(labels))
     pending = iter(sources)  # a list, or a lazy stream of millions (vitcli.inference.job)
     while chunk := list(itertools.islice(pending, batch_size)):
@@ -168,9 +182,9 @@ def predict_onnx(model: OnnxModel, sources: Iterable[str], top_k: int = 5, batch
                 errors.append(f"could not preprocess ({type(e).__name__}: {e})")
         if arrays:
             batch = np.stack(arrays)  # (B, 3, H, W)
-            probs = softmax(model.logits(batch))
+            probs = softmax(model.logits(batch), temperature)
             if tta:
-                probs = (probs + softmax(model.logits(np.ascontiguousarray(batch[..., ::-1])))) / 2
+                probs = (probs + softmax(model.logits(np.ascontiguousarray(batch[..., ::-1])), temperature)) / 2
             order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
         row = 0
         for source, error in zip(chunk, errors, strict=True):

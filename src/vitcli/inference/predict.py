@@ -62,6 +62,7 @@ class PredictOptions:
     # False: timm's exact Pillow transform. True: JPEG DCT-domain downscaling (never below the resize
     # target), torchvision JPEG decoding and uint8 resizing in torch (see vitcli.io.transforms.eval_pipeline)
     fast_decode: bool = True
+    calibrated: bool = True  # divide the logits by the model's stored temperature (vitcli.calibration), if any
 
 
 def predict(loaded: LoadedModel, sources: Iterable[str], options: PredictOptions = PredictOptions(),
@@ -77,6 +78,7 @@ def predict(loaded: LoadedModel, sources: Iterable[str], options: PredictOptions
     """
     import torch
 
+    from vitcli.calibration import model_temperature
     from vitcli.devices import autocast, resolve_device, resolve_precision
     from vitcli.inference.batching import SourceImages, collate_images, scored_key_batches
     from vitcli.io.preprocess import draft_size_for
@@ -89,6 +91,7 @@ def predict(loaded: LoadedModel, sources: Iterable[str], options: PredictOptions
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)  # auto -> what runs; checked for the device
     model = loaded.model.to(device).eval()
+    temperature = model_temperature(loaded) if options.calibrated else None
     top_k = min(options.top_k, loaded.num_classes)
     draft = draft_size_for(loaded.data_config) if options.fast_decode else None
     pipeline = eval_pipeline(loaded.data_config, fast=options.fast_decode)
@@ -101,7 +104,7 @@ def predict(loaded: LoadedModel, sources: Iterable[str], options: PredictOptions
             return [], [], errors
         with torch.inference_mode():  # per thread, like autocast: a fresh context for every batch
             x = pipeline.to_batch(pixels.to(device, non_blocking=True))  # uint8 travels, then normalize
-            probs = forward_probs(model, x, autocast(device, precision), options.tta)
+            probs = forward_probs(model, x, autocast(device, precision), options.tta, temperature)
             values, indices = probs.topk(top_k, dim=1)
         return indices.cpu().tolist(), values.float().cpu().tolist(), errors
 
@@ -170,11 +173,15 @@ def first_source(items: Iterable[str | InputProblem]) -> tuple[list[InputProblem
 
 
 def forward_probs(model: torch.nn.Module, images: torch.Tensor, precision_ctx: Any,
-                  tta: bool = False) -> torch.Tensor:
-    """Softmax probabilities (B, num_classes) in fp32, optionally averaged with the flipped images."""
+                  tta: bool = False, temperature: float | None = None) -> torch.Tensor:
+    """Softmax probabilities (B, num_classes) in fp32, optionally averaged with the flipped images.
+
+    ``temperature``: the probabilities are ``softmax(logits / temperature)`` (the ranking is unchanged).
+    """
+    t = temperature or 1.0
     with precision_ctx:
         logits = model(images)  # (B, num_classes)
-        probs = logits.float().softmax(dim=1)
+        probs = (logits.float() / t).softmax(dim=1)
         if tta:
-            probs = (probs + model(images.flip(-1)).float().softmax(dim=1)) / 2
+            probs = (probs + (model(images.flip(-1)).float() / t).softmax(dim=1)) / 2
     return probs
