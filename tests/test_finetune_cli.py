@@ -149,3 +149,57 @@ def test_resume_accepts_the_same_model_and_weights_given_again_as_relative_paths
     shutil.copytree(tmp_path / "model", tmp_path / "other")
     refused = runner.invoke(app, ["finetune", "--resume", "runs/folder", "--model", "other"])
     assert refused.exit_code == 2 and "--model cannot change" in refused.stderr
+
+
+KILLED_SAVE = r'''
+import os, signal, sys
+
+import torch
+
+from vitcli.io import fileio
+
+if sys.argv[1] == "state.pt":  # killed once state.pt's temporary copy is complete, before its rename
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    torch.save = save
+else:  # killed once the new model folder is complete, before it replaces best/
+    fileio.replace_dir = lambda new, folder: os.kill(os.getpid(), signal.SIGKILL)
+
+from vitcli.cli.app import app
+
+sys.argv = ["vitcli", *sys.argv[2:]]
+app()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("killed_in", "then"), [("state.pt", "--resume"), ("best", "--exist-ok")])
+def test_a_kill_9_during_a_real_save_leaves_copies_that_the_next_start_removes_and_names(
+        tmp_path, data, tiny_model_dir, killed_in, then):
+    assert runner.invoke(app, args(tmp_path, data, tiny_model_dir, "--epochs", "1", "--max-steps", "1")).exit_code == 0
+    run = tmp_path / "runs" / "exp"
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_SAVE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    killed = subprocess.run([sys.executable, str(script), killed_in, "finetune", "--resume", str(run)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    left = [p.name for p in run.iterdir() if p.name.startswith(f".{killed_in}.")]
+    assert len(left) == 1 and left[0] != f".{killed_in}.old", sorted(p.name for p in run.iterdir())
+    size = sum(p.stat().st_size for p in [run / left[0], *(run / left[0]).rglob("*")] if p.is_file())
+    assert size > 100_000  # a whole copy: the model's weights
+
+    if then == "--resume":
+        again = runner.invoke(app, ["finetune", "--resume", str(run)])
+    else:
+        again = runner.invoke(app, args(tmp_path, data, tiny_model_dir, "--epochs", "1", "--name", "exp", "--exist-ok"))
+
+    assert again.exit_code == 0, again.output
+    assert f"removed what a run killed while saving left: {left[0]} ({size / 1e6:.1f} MB)" in again.stderr
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
+    assert (run / "best" / "model.safetensors").is_file() and (run / "state.pt").is_file()
