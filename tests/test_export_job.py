@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from conftest import DEIT_WEIGHTS, TINY_LABELS, shared
 from vitcli.cli.app import app
 from vitcli.export.formats import load_exported, read_metadata
-from vitcli.export.job import export_model, load_exportable, output_path
+from vitcli.export.job import export_metadata, export_model, load_exportable, output_path
 from vitcli.export.options import TOLERANCES, ExportOptions
 from vitcli.export.verify import compare
 
@@ -185,3 +185,73 @@ def test_deit_tiny_onnx_agrees_with_pytorch_on_every_real_image(tmp_path):
     assert v.images > 150
     assert v.top1_agreement == 1.0
     assert v.max_abs_logit < 1e-3
+
+
+# ------------------------------------------------------------------- names, metadata, photos
+
+
+def test_cli_export_of_the_current_folder_is_named_after_it(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "home" / "me" / "mymodel"
+    shutil.copytree(tiny_model_dir, folder)
+    monkeypatch.chdir(folder)
+
+    result = runner.invoke(app, ["export", "-m", ".", "-f", "onnx", "--no-verify"])
+
+    assert result.exit_code == 0, result.output
+    assert (folder / "exported" / "mymodel.onnx").is_file()
+    assert not (folder / "exported.onnx").exists()
+    meta = read_metadata("onnx", folder / "exported" / "mymodel.onnx")
+    assert meta["model"] == meta["weights_source"]["model"] == "mymodel"
+
+
+def test_metadata_keeps_names_not_the_users_directory_layout(tiny_model_dir, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "private" / "projects" / "w.safetensors"
+    weights.parent.mkdir(parents=True)
+    save_file(timm.create_model("test_vit").state_dict(), str(weights))
+    options = ExportOptions(formats=("onnx",), output=tmp_path / "out" / "m", verify=False)
+
+    result = export_model("test_vit", str(weights), options)
+
+    meta = read_metadata("onnx", result.files[0].path)
+    assert meta["model"] == "test_vit" and meta["weights_source"]["weights"] == "w.safetensors"
+    assert str(tmp_path) not in json.dumps(meta) and str(tiny_model_dir.parent) not in json.dumps(meta)
+    folder = load_exportable(str(tiny_model_dir))
+    assert export_metadata(folder, str(tiny_model_dir), None, ExportOptions())["model"] == tiny_model_dir.name
+
+
+def test_verification_photos_ship_inside_the_package_and_are_found_outside_the_repository(tmp_path):
+    """A copy of the package away from the repository (as a wheel installs it) verifies on the same photos."""
+    import shutil
+    import subprocess
+
+    import tomllib
+
+    import vitcli
+    from vitcli.export.verify import PHOTOS_DIR, shipped_photos, verification_images
+
+    photos = sorted(PHOTOS_DIR.glob("*.jpg"))
+    assert len(photos) >= 3 and all(p.stat().st_size < 100_000 for p in photos)
+    assert sum(p.stat().st_size for p in photos) < 200_000
+    assert len(shipped_photos()) == len(photos)
+    images, what = verification_images(())
+    assert len(images) == 12 + len(photos) and what == f"12 generated images and {len(photos)} shipped photos"
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    declared = pyproject["tool"]["setuptools"]["package-data"]["vitcli.export"]
+    package = Path(vitcli.__file__).parent
+    assert all(any(p.relative_to(package / "export").match(g) for g in declared) for p in photos)
+
+    site = tmp_path / "site-packages"
+    shutil.copytree(package, site / "vitcli", ignore=shutil.ignore_patterns("embedded", "__pycache__"))
+    code = ("from vitcli.export.verify import verification_images; import vitcli; "
+            "print(vitcli.__file__); print(verification_images(())[1])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    where, said = proc.stdout.splitlines()
+    assert where.startswith(str(site)) and said == what

@@ -51,7 +51,8 @@ def export(
         "--calibration", help="Images (folder, files, glob) for --int8-target; never the verification images.",
         show_default=False)] = None,
     verify_images: Annotated[list[str] | None, typer.Option(
-        "--verify-images", help="Images (folder, files, glob) to verify on (default: a built-in generated set).",
+        "--verify-images",
+        help="Images (folder, files, glob) to verify on (default: generated images and shipped photos).",
         show_default=False)] = None,
     verify: Annotated[bool, typer.Option(
         "--verify/--no-verify", help="Check every file against PyTorch (exit 1 past the tolerance).")] = True,
@@ -77,10 +78,10 @@ def export(
     """
     with handled_errors():
         from vitcli.console import err, out
-        from vitcli.export.job import export_model
+        from vitcli.export.job import default_output, export_model
         from vitcli.export.options import ExportOptions
 
-        stem = output or Path("exported") / Path(model.rstrip("/")).name.replace("local-dir:", "")
+        stem = output or default_output(model)
         options = ExportOptions(
             formats=tuple(dict.fromkeys(f.value for f in (formats or [Format.onnx]))), output=stem,
             precision=precision.value, quantize=quantize.value if quantize else None, int8_target=int8_target,

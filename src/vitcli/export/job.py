@@ -108,14 +108,30 @@ def load_exportable(name: str, weights: str | Path | None = None, dynamic_size: 
     return loaded
 
 
+def shown_name(model: str) -> str:
+    """What a file's metadata and default name keep of ``--model``/``--weights``: a timm or store name as
+    given, a local folder or file by its own name (``.`` too), never the user's directory layout."""
+    raw = model.removeprefix("local-dir:")
+    path = Path(raw).expanduser()
+    if raw != model or path.exists():
+        return path.resolve().name or "model"
+    return model
+
+
+def default_output(model: str) -> Path:
+    """``exported/<name>``: the stem each format adds its suffix to when --output is not given."""
+    return Path("exported") / (Path(shown_name(model).rstrip("/")).name or "model")
+
+
 def export_metadata(loaded: LoadedModel, name: str, weights: str | Path | None, options: ExportOptions) -> dict:
     """What a deployed file needs to be used alone: labels, preprocessing, provenance."""
     cfg = loaded.data_config
     return {
         "vitcli_version": __version__,
         "architecture": loaded.arch,
-        "model": name,
-        "weights_source": {"kind": loaded.source, "model": name, "weights": str(weights) if weights else None},
+        "model": shown_name(name),
+        "weights_source": {"kind": loaded.source, "model": shown_name(name),
+                           "weights": shown_name(str(weights)) if weights else None},
         "labels": list(loaded.labels),
         "input_size": list(cfg["input_size"]),
         "mean": list(cfg["mean"]),

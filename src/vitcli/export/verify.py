@@ -15,7 +15,8 @@ from vitcli.io.images import load_image
 from vitcli.io.inputs import expand_inputs
 from vitcli.io.preprocess import preprocess
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples"  # the repository's example images, if any
+# a few small photos shipped inside the package (package data), so editable and wheel installs verify alike
+PHOTOS_DIR = Path(__file__).resolve().parent / "photos"
 GENERATED_IMAGES = 12
 
 
@@ -49,9 +50,13 @@ def verification_images(inputs: Sequence[str]) -> tuple[list[Image.Image], str]:
         images = load_readable(image_sources(inputs, "--verify-images"))
         return images, f"{len(images)} images from --verify-images"
     images = generated_images()
-    examples = load_readable(image_sources([str(EXAMPLES_DIR)], "examples")) if EXAMPLES_DIR.is_dir() else []
-    what = f"{len(images)} generated images" + (f" and {len(examples)} repository examples" if examples else "")
-    return images + examples, what
+    photos = shipped_photos()
+    return images + photos, f"{len(images)} generated images and {len(photos)} shipped photos"
+
+
+def shipped_photos() -> list[Image.Image]:
+    """The photos in ``export/photos/``, in name order."""
+    return load_readable(sorted(str(p) for p in PHOTOS_DIR.glob("*.jpg")))
 
 
 def load_readable(sources: Sequence[str]) -> list[Image.Image]:
