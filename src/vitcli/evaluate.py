@@ -16,7 +16,7 @@ import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from vitcli.errors import DatasetError, UsageError
 from vitcli.io.datasets import Sample, find_eval_dir, map_classes, scan_class_folders
 from vitcli.metrics import ClassMetrics, ReliabilityBin, ScoreSums, most_confused, per_class_metrics
 from vitcli.models.resolve import LoadedModel
+
+if TYPE_CHECKING:
+    from vitcli.calibration import Calibration
 
 MISTAKES = 15  # the most confident mistakes listed by default
 CONFUSED_PAIRS = 10
@@ -310,3 +313,37 @@ def run_evaluate(request: EvalRequest, on_loaded: Callable[[LoadedModel], None] 
         return loaded, result
     finally:
         close_distributed(dist)
+
+
+def calibrate_folder(model: str, data: str | Path, weights: str | None = None, split: str | None = None,
+                     batch_size: int = 32, workers: int | None = None, device: str = "auto",
+                     on_batch: Callable[[int, int], None] | None = None) -> Calibration:
+    """``vitcli calibrate``: fit a temperature for a model folder on a labelled folder and store it.
+
+    The folder scored is DATA/SPLIT, else DATA/val (validation/, valid/), else as ``vitcli evaluate``
+    picks it; the logits are fp32. An empty, one-class or unreadable split stores nothing and says why.
+    """
+    from vitcli.calibration import Calibration, calibrate_logits, store_temperature
+    from vitcli.io.datasets import find_val_dir
+    from vitcli.models.resolve import load_model
+
+    loaded = load_model(model, weights)
+    if loaded.folder is None or weights is not None:
+        raise UsageError(f"'{model}' is not a model folder; the temperature is stored in a model folder's "
+                         "config.json: give a folder (config.json + model.safetensors) or a finetune run folder")
+    root = Path(data).expanduser()
+    if split is None and root.is_dir() and (val := find_val_dir(root)) is not None:
+        split = val.name
+    try:
+        result = evaluate_model(loaded, root, split=split, batch_size=batch_size, workers=workers, device=device,
+                                precision="fp32", on_batch=on_batch, mistakes=0, keep_logits=True)
+    except DatasetError as e:
+        if "could be read" not in str(e) and "no images" not in str(e):
+            raise  # a missing folder or unknown classes: the user's data is wrong, not merely empty
+        return Calibration(None, str(e))
+    fitted = calibrate_logits(result.logits, result.targets, loaded.labels,  # type: ignore[arg-type]
+                              what=f"'{result.folder}'")
+    if fitted.temperature is not None:
+        store_temperature(loaded.folder, fitted.temperature)
+        fitted.folders = [str(loaded.folder)]
+    return fitted

@@ -42,8 +42,8 @@ def calibrate(
     with handled_errors():
         import json
 
-        from vitcli.calibration import calibrate_folder
         from vitcli.console import err, out
+        from vitcli.evaluate import calibrate_folder
 
         with progress_bar("calibrate") as on_batch:
             fitted = calibrate_folder(model, data, str(weights) if weights else None, split, batch_size, workers,
