@@ -67,3 +67,31 @@ def no_figures(monkeypatch):
     from vitcli.finetune import rundir
 
     monkeypatch.setattr(rundir, "write_figures", lambda *args: None)
+
+
+@pytest.fixture(scope="module")
+def source_vit():
+    """test_vit with its default 1000-class head and seeded random weights."""
+    import timm
+    import torch
+
+    torch.manual_seed(1)
+    return timm.create_model("test_vit", pretrained=False).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Two random 160x160 images (test_vit's input size)."""
+    import torch
+
+    return torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """A hub endpoint that refuses connections and an empty Hugging Face cache, online or not."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
