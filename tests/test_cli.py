@@ -155,9 +155,40 @@ def test_json_lines_schema(tiny_model_dir, images):
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
 
 
-def test_csv_file(tiny_model_dir, images, tmp_path):
+class WriteSpy:
+    """A file stream that keeps each chunk written to it and, at each flush, what the file on disk holds."""
+
+    def __init__(self, stream, path: Path):
+        self.stream, self.path = stream, path
+        self.chunks: list[str] = []
+        self.on_disk_at_flush: list[tuple[int, int]] = []  # (characters written so far, bytes on disk)
+
+    def write(self, text: str) -> int:
+        self.chunks.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.on_disk_at_flush.append((sum(len(c) for c in self.chunks), self.path.stat().st_size))
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def test_csv_file(tiny_model_dir, images, tmp_path, monkeypatch):
     out = tmp_path / "out" / "predictions.csv"
     missing = tmp_path / "missing.jpg"
+    spies: list[WriteSpy] = []
+    real_open = Path.open
+
+    def spied_open(self, *args, **kwargs):
+        stream = real_open(self, *args, **kwargs)
+        if self == out and args and args[0] == "a":
+            spies.append(WriteSpy(stream, self))
+            return spies[-1]
+        return stream
+
+    monkeypatch.setattr(Path, "open", spied_open)
 
     result = predict_tiny(tiny_model_dir, *images, missing, "--csv", out, "--top-k", "3")
 
@@ -174,7 +205,17 @@ def test_csv_file(tiny_model_dir, images, tmp_path):
         assert sum(float(r["prob"]) for r in mine) == pytest.approx(1.0, abs=1e-5)
     [bad] = [r for r in rows if r["error"]]
     assert bad["source"] == str(missing) and bad["rank"] == "" and "no such file" in bad["error"]
-    assert [p.name for p in out.parent.iterdir()] == ["predictions.csv"]  # written atomically
+    assert [p.name for p in out.parent.iterdir()] == ["predictions.csv"]
+    # each record leaves in one write, flushed to the file at once: a kill leaves whole records only
+    [spy] = spies
+    header, *chunks = spy.chunks
+    assert header == ",".join(["source", "rank", "index", "label", "prob", "error"]) + "\r\n"
+    assert len(chunks) == len(images) + 1
+    for chunk in chunks:
+        rows = list(csv.reader(chunk.splitlines()))
+        assert len({row[0] for row in rows}) == 1 and len(rows) in (1, 3), chunk  # one record, all its rows
+    assert all(written == on_disk for written, on_disk in spy.on_disk_at_flush)  # ASCII names: chars == bytes
+    assert len(spy.on_disk_at_flush) >= len(spy.chunks)
 
 
 def test_files_from_a_list_file_and_from_stdin(tiny_model_dir, images, tmp_path):
@@ -210,9 +251,9 @@ def test_many_images_with_progress_keep_stdout_clean(tiny_model_dir, tmp_path):
     assert len(json_lines(result.stdout)) == 70
 
 
-def test_tta_bf16_and_exact_decode_flags(tiny_model_dir, images):
+def test_tta_bf16_and_workers_flags(tiny_model_dir, images):
     plain = predict_tiny(tiny_model_dir, *images, "--json", "--top-k", "3")
-    for flags in (["--tta"], ["--precision", "bf16", "--device", "cpu"], ["--exact-decode"], ["--workers", "2"]):
+    for flags in (["--tta"], ["--precision", "bf16", "--device", "cpu"], ["--workers", "2"]):
         result = predict_tiny(tiny_model_dir, *images, "--json", "--top-k", "3", *flags)
 
         assert result.exit_code == 0, (flags, result.stderr)
@@ -222,8 +263,38 @@ def test_tta_bf16_and_exact_decode_flags(tiny_model_dir, images):
             assert sum(p["prob"] for p in record["predictions"]) == pytest.approx(1.0, abs=1e-3)
         if flags == ["--tta"]:
             assert records != json_lines(plain.stdout)
-        if flags in (["--exact-decode"], ["--workers", "2"]):
+        if flags == ["--workers", "2"]:
             assert records == json_lines(plain.stdout)
+
+
+def test_jpegs_are_decoded_at_a_reduced_scale_unless_exact_decode(tiny_model_dir, tmp_path, monkeypatch):
+    """640x480 JPEGs for a 160x160 model: libjpeg's draft decodes them at 1/2 scale (320x240) by default;
+    --exact-decode decodes every pixel."""
+    from PIL import JpegImagePlugin
+
+    photos = [make_image(tmp_path / f"p{i}.jpg", size=(640, 480), seed=i) for i in range(3)]
+    drafted: list[tuple[int, int]] = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = real_draft(self, mode, size)
+        drafted.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+
+    fast = predict_tiny(tiny_model_dir, *photos, "--json", "--top-k", "3", "--workers", "0")
+    assert fast.exit_code == 0, fast.stderr
+    assert drafted == [(320, 240)] * 3
+    drafted.clear()
+    exact = predict_tiny(tiny_model_dir, *photos, "--json", "--top-k", "3", "--workers", "0", "--exact-decode")
+    assert exact.exit_code == 0, exact.stderr
+    assert drafted == []
+
+    for a, b in zip(json_lines(fast.stdout), json_lines(exact.stdout), strict=True):
+        assert a["source"] == b["source"]
+        probs = {p["index"]: p["prob"] for p in b["predictions"]}
+        assert all(abs(p["prob"] - probs[p["index"]]) < 0.05 for p in a["predictions"])
 
 
 # ------------------------------------------------------------------------------------ bad inputs
