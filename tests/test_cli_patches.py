@@ -65,9 +65,21 @@ def test_summary_table_and_default_out_dir(tiny_model_dir, tmp_path, monkeypatch
     assert sorted(p.name for p in (tmp_path / "patches" / "dog").iterdir()) == ["patches.png", "tokens.png"]
 
 
-def test_layer_and_head_select_and_a_folder_is_averaged(tiny_model_dir, tmp_path):
+def test_layer_and_head_select_and_a_folder_is_averaged(tiny_model_dir, tmp_path, monkeypatch):
+    from vitcli.explain import figures
+
     for i in range(3):
         make_image(tmp_path / "imgs" / f"{i}.png", seed=i)
+    drawn: list[tuple] = []
+    real_grid = figures.save_attention_grid
+
+    def spy(pixels, maps, layers, heads, *args, **kwargs):
+        drawn.append((maps.clone(), list(layers), list(heads)))
+        return real_grid(pixels, maps, layers, heads, *args, **kwargs)
+
+    monkeypatch.setattr(figures, "save_attention_grid", spy)
+    every = invoke(tmp_path / "imgs" / "0.png", "--model", tiny_model_dir, "--attention", "--out", tmp_path / "a")
+    assert every.exit_code == 0, every.output
 
     result = invoke(tmp_path / "imgs", "--model", tiny_model_dir, "--attention", "--layer", "6", "--head", "2",
                     "--figure7", "--max-images", "2", "--json", "--out", tmp_path / "o")
@@ -75,6 +87,13 @@ def test_layer_and_head_select_and_a_folder_is_averaged(tiny_model_dir, tmp_path
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["image"].endswith("0.png") and doc["images_averaged"] == 2
+    (all_maps, all_layers, all_heads), (maps, layers, heads) = drawn
+    assert (all_layers, all_heads, tuple(all_maps.shape)) == ([1, 2, 3, 4, 5, 6], [1, 2], (6, 2, 10, 10))
+    assert (layers, heads, tuple(maps.shape)) == ([6], [2], (1, 1, 10, 10))
+    # layer 6, head 2 of the same image; a random test_vit's maps are near uniform (0.01), but differ by head/layer
+    assert (maps[0, 0] - all_maps[5, 1]).abs().max() < 1e-7
+    assert (maps[0, 0] - all_maps[5, 0]).abs().max() > 1e-4  # not head 1
+    assert (maps[0, 0] - all_maps[4, 1]).abs().max() > 1e-4  # not layer 5
 
 
 @pytest.mark.parametrize(("args", "message"), [
