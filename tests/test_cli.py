@@ -821,7 +821,7 @@ def test_a_job_that_fails_before_its_first_record_leaves_an_existing_csv_alone(i
 
 def test_errors_of_other_torchrun_ranks_are_printed_with_their_rank(monkeypatch, capsys):
     import vitcli.console
-    from vitcli.cli._errors import fail
+    from vitcli.cli.errors import fail
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -72,7 +72,7 @@ def test_a_new_head_on_the_default_model_for_fine_tuning():
 
 
 def test_the_module_imports_no_torch():
-    code = "import sys, vitcli.embedded, vitcli.cli._options; assert 'torch' not in sys.modules"
+    code = "import sys, vitcli.embedded, vitcli.cli.options; assert 'torch' not in sys.modules"
 
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
 

@@ -47,7 +47,7 @@ def markup_model_dir(tmp_path_factory) -> Path:
 def test_escape_shows_markup_controls_bidi_and_foreign_bytes_as_text():
     from rich.console import Console
 
-    from vitcli.cli._render import escape
+    from vitcli.cli.render import escape
 
     def shown(text: str) -> str:
         return Console().render_str(escape(text)).plain

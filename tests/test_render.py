@@ -1,4 +1,4 @@
-"""vitcli.cli._render: markup escaping and the progress bar, rendered on a real (forced) terminal."""
+"""vitcli.cli.render: markup escaping and the progress bar, rendered on a real (forced) terminal."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 import vitcli.console
-from vitcli.cli._render import escape, progress_bar
+from vitcli.cli.render import escape, progress_bar
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from vitcli.cli._errors import fail, handled_errors
-from vitcli.cli._options import BatchSizeOpt, DeviceOpt, JsonOpt, WeightsOpt, WorkersOpt
-from vitcli.cli._render import escape, progress_bar
+from vitcli.cli.errors import fail, handled_errors
+from vitcli.cli.options import BatchSizeOpt, DeviceOpt, JsonOpt, WeightsOpt, WorkersOpt
+from vitcli.cli.render import escape, progress_bar
 
 
 def calibrate(

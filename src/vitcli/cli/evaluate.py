@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from vitcli.cli._errors import handled_errors
-from vitcli.cli._options import (
+from vitcli.cli.errors import handled_errors
+from vitcli.cli.options import (
     DEFAULT_MODEL,
     BatchSizeOpt,
     DeviceOpt,
@@ -20,7 +20,7 @@ from vitcli.cli._options import (
     WeightsOpt,
     WorkersOpt,
 )
-from vitcli.cli._render import escape, progress_bar
+from vitcli.cli.render import escape, progress_bar
 
 MATRIX_TABLE_MAX_CLASSES = 30  # larger confusion matrices: --json or --confusion-png
 

@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from vitcli.cli._errors import handled_errors
-from vitcli.cli._options import DEFAULT_MODEL, JsonOpt, ModelOpt, WeightsOpt
-from vitcli.cli._render import escape
+from vitcli.cli.errors import handled_errors
+from vitcli.cli.options import DEFAULT_MODEL, JsonOpt, ModelOpt, WeightsOpt
+from vitcli.cli.render import escape
 
 
 class Format(str, Enum):

@@ -13,9 +13,9 @@ from typing import Annotated, Any
 
 import typer
 
-from vitcli.cli._errors import handled_errors
-from vitcli.cli._options import Device, WeightsOpt
-from vitcli.cli._render import escape
+from vitcli.cli.errors import handled_errors
+from vitcli.cli.options import Device, WeightsOpt
+from vitcli.cli.render import escape
 from vitcli.finetune.config import BALANCE_MODES, DEFAULT_MODEL, PRECISIONS, RESUMABLE_OPTIONS, SCHEDULES, default
 
 Balance = Enum("Balance", [(m, m) for m in BALANCE_MODES], type=str)  # type: ignore[misc]

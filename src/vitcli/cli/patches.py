@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from vitcli.cli._errors import fail, handled_errors
-from vitcli.cli._options import DEFAULT_MODEL, JsonOpt, ModelOpt, WeightsOpt
+from vitcli.cli.errors import fail, handled_errors
+from vitcli.cli.options import DEFAULT_MODEL, JsonOpt, ModelOpt, WeightsOpt
 
 
 class HeadFusion(str, Enum):
@@ -105,7 +105,7 @@ def _render(report, json_out: bool) -> None:
 
     from rich.table import Table
 
-    from vitcli.cli._render import escape
+    from vitcli.cli.render import escape
     from vitcli.console import err, out
 
     if json_out:
@@ -142,7 +142,7 @@ def _render(report, json_out: bool) -> None:
 def _render_explained(report, out) -> None:
     from rich.table import Table
 
-    from vitcli.cli._render import escape
+    from vitcli.cli.render import escape
 
     e = report.explained
     label = escape(report.explained_label)

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from vitcli.cli._errors import handled_errors
-from vitcli.cli._options import (
+from vitcli.cli.errors import handled_errors
+from vitcli.cli.options import (
     DEFAULT_MODEL,
     BatchSizeOpt,
     DeviceOpt,
@@ -21,7 +21,7 @@ from vitcli.cli._options import (
     WeightsOpt,
     WorkersOpt,
 )
-from vitcli.cli._render import escape
+from vitcli.cli.render import escape
 
 
 def predict(
@@ -113,7 +113,7 @@ def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out
             job.done = broadcast(job.done, job.rank, group)
         sinks: list[Any] = []
         if job.rank.main:
-            from vitcli.cli._render import ErrorLines, ProgressSink, TableSink
+            from vitcli.cli.render import ErrorLines, ProgressSink, TableSink
             from vitcli.io.records import CsvFile, JsonlWriter
 
             progress = ProgressSink(job)  # after open(): it counts what is left to do

@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
-from vitcli.cli._errors import handled_errors
-from vitcli.cli._options import JsonOpt
-from vitcli.cli._render import escape
+from vitcli.cli.errors import handled_errors
+from vitcli.cli.options import JsonOpt
+from vitcli.cli.render import escape
 
 app = typer.Typer(help="The local model store (weights/, or $VITCLI_WEIGHTS): load models offline.",
                   rich_markup_mode="markdown",

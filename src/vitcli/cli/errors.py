@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import typer
 
-from vitcli.cli._render import escape
+from vitcli.cli.render import escape
 
 DEBUG_ENV = "VITCLI_DEBUG"
 
