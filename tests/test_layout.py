@@ -133,3 +133,14 @@ def test_nothing_in_the_core_imports_the_cli():
     core = [name for name in graph if not name.startswith("vitcli.cli") and name not in ENTRY_POINTS]
     assert [(name, sorted(t for t in graph[name] if t.startswith("vitcli.cli"))) for name in core
             if any(t.startswith("vitcli.cli") for t in graph[name])] == []
+
+
+def test_torchrun_environment_is_read_in_distributed_only():
+    """One reading of RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE: ``distributed.torchrun_rank``."""
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    readers = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and node.value in names and name != "vitcli.distributed":
+                readers.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.value}")
+    assert readers == []
