@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from vitcli.cli.errors import fail, handled_errors
-from vitcli.cli.options import BatchSizeOpt, DeviceOpt, JsonOpt, WeightsOpt, WorkersOpt
+from vitcli.cli.options import BatchSizeOpt, DeviceOpt, JsonOpt, WorkersOpt
 from vitcli.cli.render import escape, progress_bar
 
 
@@ -24,7 +24,6 @@ def calibrate(
     split: Annotated[str | None, typer.Option(
         "--split", "-s", help="Fit on DATA/NAME instead of the automatic choice.", metavar="NAME")] = None,
     json_out: JsonOpt = False,
-    weights: WeightsOpt = None,
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
@@ -46,8 +45,7 @@ def calibrate(
         from vitcli.evaluate import calibrate_folder
 
         with progress_bar("calibrate") as on_batch:
-            fitted = calibrate_folder(model, data, str(weights) if weights else None, split, batch_size, workers,
-                                      device, on_batch)
+            fitted = calibrate_folder(model, data, None, split, batch_size, workers, device, on_batch)
         if json_out:
             out.out(json.dumps(fitted.to_dict(), allow_nan=False), highlight=False)
         if fitted.temperature is None:
