@@ -369,12 +369,10 @@ def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Seq
 
 
 def _photo_sources(inputs: Sequence[str]) -> list[str]:
-    """Photos to time decoding on: --verify-images, else the repository's examples (none when installed)."""
-    from vitcli.export.verify import EXAMPLES_DIR, image_sources
+    """Photos to time decoding on: --verify-images, else the photos shipped for verification."""
+    from vitcli.export.verify import PHOTOS_DIR, image_sources
 
-    if inputs:
-        return list(image_sources(inputs, "--verify-images"))
-    return list(image_sources([str(EXAMPLES_DIR)], "examples")) if EXAMPLES_DIR.is_dir() else []
+    return list(image_sources(inputs, "--verify-images")) if inputs else sorted(map(str, PHOTOS_DIR.glob("*.jpg")))
 
 
 def _options() -> Any:
