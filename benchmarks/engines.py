@@ -84,7 +84,8 @@ def openvino_engine(ov_model, precision: str, streams: int | None = None):
 
 def onnx_engine(loaded, workdir: Path):
     from vitcli.export.formats import export_onnx
-    from vitcli.export.job import ExportOptions, export_metadata, load_exportable
+    from vitcli.export.job import export_metadata, load_exportable
+    from vitcli.export.options import ExportOptions
     from vitcli.inference.onnx_engine import load_onnx
 
     exportable = load_exportable(loaded.name)
@@ -132,14 +133,32 @@ def interleaved(engines: dict, batch: np.ndarray, repeats: int, warmup: int = 2)
     return {name: len(batch) / float(np.median(t)) for name, t in times.items()}
 
 
-def rate(fn, n: int) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return n / (time.perf_counter() - t0)
+def bound_rounds(files: list[str], batch: int, decode, infer, end_to_end, rounds: int) -> dict[str, float]:
+    """Median img/s of decoding alone, the model alone (on one decoded batch) and end to end, all through
+    the pipeline's per-core streams and taking turns within every round, and the decode-once bound."""
+    streams = usable_cpus()
+    chunks = list(chunked(files, batch))
+    ready = decode(chunks[0])
+    modes = {
+        "decode": lambda: list(pipelined(chunks, decode, lambda b: None, streams=streams)),
+        "model": lambda: list(pipelined(chunks, lambda c: ready, infer, streams=streams)),
+        "e2e": end_to_end,
+    }
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    for _ in range(rounds):
+        for name, run in modes.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    result = {name: len(files) / float(np.median(t)) for name, t in times.items()}
+    result["bound"] = decode_once_bound(result["decode"], result["model"])
+    result["of_bound"] = result["e2e"] / result["bound"]
+    return result
 
 
-def torch_bound(loaded, files: list[str], batch: int, model_rate: float) -> dict[str, float]:
-    """torch's decode (the fast path) alone, then `vitcli.inference.predict` end to end with its defaults."""
+def torch_bound(loaded, files: list[str], batch: int, rounds: int) -> dict[str, float]:
+    """torch as `vitcli.inference.predict` runs it: the fast decode path, one torch thread per stream."""
+    from vitcli.devices import autocast, resolve_precision
     from vitcli.inference.batching import SourceImages, collate_images
     from vitcli.inference.predict import PredictOptions, predict
     from vitcli.io.preprocess import draft_size_for
@@ -147,21 +166,28 @@ def torch_bound(loaded, files: list[str], batch: int, model_rate: float) -> dict
 
     pipeline = eval_pipeline(loaded.data_config, fast=True)
     images = SourceImages(pipeline.per_image, draft_size_for(loaded.data_config), pipeline.load)
+    cpu = torch.device("cpu")
+    precision = resolve_precision("auto", cpu)
+    model = loaded.model.eval()
+
+    def infer(batch_pixels):
+        with torch.inference_mode(), autocast(cpu, precision):
+            return model(pipeline.to_batch(batch_pixels[0])).float().argmax(1)
+
+    def end_to_end():
+        list(predict(loaded, files, PredictOptions(batch_size=batch)))
+
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, threads // usable_cpus()))  # as predict's streams run
     try:
-        decode = rate(lambda: list(pipelined(chunked(files, batch), lambda c: collate_images([images[s] for s in c]),
-                                             lambda b: None, streams=usable_cpus())), len(files))
+        return bound_rounds(files, batch, lambda c: collate_images([images[s] for s in c]), infer, end_to_end, rounds)
     finally:
         torch.set_num_threads(threads)
-    e2e = rate(lambda: list(predict(loaded, files, PredictOptions(batch_size=batch))), len(files))
-    bound = decode_once_bound(decode, model_rate)
-    return {"decode": decode, "model": model_rate, "bound": bound, "e2e": e2e, "of_bound": e2e / bound}
 
 
 def openvino_bound(ov_model, config: dict, files: list[str], batch: int, precision: str,
-                   model_rate: float) -> dict[str, float]:
-    """The NumPy decode (Pillow, exact timm steps) alone, then the pipeline's streams feeding OpenVINO."""
+                   rounds: int) -> dict[str, float]:
+    """The NumPy decode (Pillow, timm's exact steps) and OpenVINO with one stream and request per stream."""
     from vitcli.io.images import load_image
     from vitcli.io.preprocess import preprocess
 
@@ -176,10 +202,10 @@ def openvino_bound(ov_model, config: dict, files: list[str], batch: int, precisi
         with pool.handle() as request:
             return np.asarray(request.infer([x])[0], dtype=np.float32).argmax(1)
 
-    d = rate(lambda: list(pipelined(chunked(files, batch), decode, lambda b: None, streams=streams)), len(files))
-    e2e = rate(lambda: list(pipelined(chunked(files, batch), decode, infer, streams=streams)), len(files))
-    bound = decode_once_bound(d, model_rate)
-    return {"decode": d, "model": model_rate, "bound": bound, "e2e": e2e, "of_bound": e2e / bound}
+    def end_to_end():
+        list(pipelined(chunked(files, batch), decode, infer, streams=streams))
+
+    return bound_rounds(files, batch, decode, infer, end_to_end, rounds)
 
 
 def cli_runs(folder: Path, repeats: int) -> dict[str, float]:
@@ -207,17 +233,46 @@ def cli_runs(folder: Path, repeats: int) -> dict[str, float]:
 # ------------------------------------------------------------------------------------ the run
 
 
+def model_table(loaded, ov_model, batch: int, repeats: int) -> None:
+    """Model-only img/s of every engine, interleaved, and its agreement with torch fp32 on the shared photos."""
+    import timm
+    from PIL import Image
+
+    model = loaded.model.eval()
+    paths = photos(DATA / "images") + photos(DATA / "hymenoptera")
+    transform = timm.data.create_transform(**loaded.data_config, is_training=False)
+    inputs = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]).numpy()
+    print(f"{len(paths)} photos from {DATA} (images/, hymenoptera/), timm's exact eval transform")
+
+    engines = {"torch fp32": torch_engine(model, False), "torch bf16 autocast": torch_engine(model, True),
+               "openvino fp32": openvino_engine(ov_model, "f32"), "openvino bf16": openvino_engine(ov_model, "bf16")}
+    with tempfile.TemporaryDirectory() as tmp:
+        engines["onnxruntime fp32"] = onnx_engine(loaded, Path(tmp))
+        reference = probabilities(engines["torch fp32"], inputs, batch)
+        checks = {name: agreement(reference, probabilities(run, inputs, batch)) for name, run in engines.items()}
+        speed = interleaved(engines, inputs[:batch], repeats)
+    base = speed["torch fp32"]
+    print(f"\nmodel only, DeiT-Tiny batch {batch}, {repeats} interleaved repeats (median):")
+    print("| engine | img/s | vs torch fp32 | top-1 agreement | on confident | max abs delta prob | verified |")
+    print("|---|---|---|---|---|---|---|")
+    for name, ips in speed.items():
+        c = checks[name]
+        print(f"| {name} | {ips:.1f} | {ips / base:.2f}x | {c['top1']:.1%} | {c['confident']:.0%} of "
+              f"{c['n_confident']} | {c['max_delta']:.4f} | {'yes' if c['verified'] else 'no'} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--cli-repeats", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the bound measurement")
+    parser.add_argument("--bound-images", type=int, default=128, help="hymenoptera photos the bound is measured on")
+    parser.add_argument("--no-models", action="store_true", help="skip the model-only table and agreement")
     parser.add_argument("--no-cli", action="store_true", help="skip the `vitcli predict` subprocess runs")
     args = parser.parse_args()
 
     import openvino
-    import timm
-    from PIL import Image
 
     from vitcli.models.resolve import load_model
 
@@ -228,45 +283,30 @@ def main() -> None:
     loaded = load_model()
     model = loaded.model.eval()
     size = tuple(loaded.data_config["input_size"][1:])
-    paths = photos(DATA / "images") + photos(DATA / "hymenoptera")
-    transform = timm.data.create_transform(**loaded.data_config, is_training=False)
-    inputs = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]).numpy()
-    print(f"{len(paths)} photos from {DATA} (images/, hymenoptera/), timm's exact eval transform")
-
     ov_model = openvino_model(model, size)
-    engines = {"torch fp32": torch_engine(model, False), "torch bf16 autocast": torch_engine(model, True),
-               "openvino fp32": openvino_engine(ov_model, "f32"), "openvino bf16": openvino_engine(ov_model, "bf16")}
-    with tempfile.TemporaryDirectory() as tmp:
-        engines["onnxruntime fp32"] = onnx_engine(loaded, Path(tmp))
-        reference = probabilities(engines["torch fp32"], inputs, args.batch)
-        checks = {name: agreement(reference, probabilities(run, inputs, args.batch)) for name, run in engines.items()}
-        speed = interleaved(engines, inputs[:args.batch], args.repeats)
-    base = speed["torch fp32"]
-    print(f"\nmodel only, DeiT-Tiny batch {args.batch}, {args.repeats} interleaved repeats (median):")
-    print("| engine | img/s | vs torch fp32 | top-1 agreement | on confident | max abs delta prob | verified |")
-    print("|---|---|---|---|---|---|---|")
-    for name, ips in speed.items():
-        c = checks[name]
-        print(f"| {name} | {ips:.1f} | {ips / base:.2f}x | {c['top1']:.1%} | {c['confident']:.0%} of "
-              f"{c['n_confident']} | {c['max_delta']:.4f} | {'yes' if c['verified'] else 'no'} |")
+    if not args.no_models:
+        model_table(loaded, ov_model, args.batch, args.repeats)
 
     hymenoptera = [str(p) for p in photos(DATA / "hymenoptera")]
-    print(f"\ndecode-once bound, {len(hymenoptera)} photos of hymenoptera/, in process (start-up excluded):")
-    rows = {"torch fp32 (vitcli.inference.predict, fast decode)": torch_bound(loaded, hymenoptera, args.batch, base)}
+    files = hymenoptera[:args.bound_images]
+    print(f"\ndecode-once bound, {len(files)} photos of hymenoptera/, in process (start-up excluded), decode, model "
+          f"and end to end through the same {usable_cpus()} streams, {args.rounds} interleaved rounds (median):")
+    rows = {"torch (vitcli.inference.predict, fast decode)": torch_bound(loaded, files, args.batch, args.rounds)}
     for precision, key in (("f32", "openvino fp32"), ("bf16", "openvino bf16")):
         if precision == "bf16" and not fast_bf16("openvino"):
             continue
-        rows[f"{key} (pipeline streams, Pillow decode)"] = openvino_bound(ov_model, loaded.data_config, hymenoptera,
-                                                                          args.batch, precision, speed[key])
+        rows[f"{key} (pipeline streams, Pillow decode)"] = openvino_bound(ov_model, loaded.data_config, files,
+                                                                          args.batch, precision, args.rounds)
     print("| path | decode img/s | model img/s | bound img/s | reached img/s | of bound |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['decode']:.1f} | {r['model']:.1f} | {r['bound']:.1f} | {r['e2e']:.1f} | "
               f"{r['of_bound']:.2f} |")
-    torch_e2e = rows["torch fp32 (vitcli.inference.predict, fast decode)"]["e2e"]
+    torch_row = rows["torch (vitcli.inference.predict, fast decode)"]
     best = max(rows.values(), key=lambda r: r["bound"])
-    print(f"the highest bound here is {best['bound']:.1f} img/s = {best['bound'] / torch_e2e:.2f}x torch fp32 end to "
-          "end: no engine can take predict further on this CPU while decoding shares its cores")
+    print(f"the highest bound here is {best['bound'] / torch_row['bound']:.2f}x torch's bound and "
+          f"{best['bound'] / torch_row['e2e']:.2f}x what torch predict reaches: no engine takes predict further on "
+          "this CPU while decoding shares its cores")
 
     if not args.no_cli:
         print(f"\n`vitcli predict {DATA / 'hymenoptera'}` end to end (wall, start-up included):")
