@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from pathlib import Path
 
 import pytest
 
@@ -39,5 +40,50 @@ def test_rank_blocks_take_turns_and_records_are_cut_back_into_blocks():
         per_rank[r] = [[p.source for p in block] for block in records_by_block(records, sizes)]
 
     assert per_rank == {0: [["s0", "s1"], ["s6", "s7"]], 1: [["s2", "s3"], ["s8", "s9"]], 2: [["s4", "s5"], ["s10"]]}
-    merged = [s for step in range(2) for r in range(3) if step < len(per_rank[r]) for s in per_rank[r][step]]
-    assert merged == items  # rank 0's merge order: round by round, rank by rank
+
+
+# Each of 3 processes joins a gloo group, takes its rank's blocks of N items and runs the real merged_records;
+# every rank writes what it yielded. Rank 0 must get every record in input order, the others none.
+MERGE = r'''
+import json, sys
+from collections import deque
+
+import torch.distributed as dist
+
+from vitcli.distributed import Rank
+from vitcli.inference.predict import Prediction
+from vitcli.inference.shards import merged_records, rank_blocks, records_by_block
+
+rank, total, store, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3)
+me = Rank(rank, rank, 3, 3)
+sizes = deque()
+items = [f"s{i}" for i in range(total)]
+records = (Prediction(s) for s in rank_blocks(items, me, 2, sizes))
+merged = [p.source for p in merged_records(records_by_block(records, sizes), me)]
+dist.destroy_process_group()
+with open(f"{out}.{rank}", "w") as f:
+    json.dump(merged, f)
+'''
+
+
+@pytest.mark.parametrize("total", [11, 3])  # an uneven last round; a rank with no block at all
+def test_rank_0_merges_every_ranks_records_in_input_order_over_gloo(tmp_path, total):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "merge.py"
+    script.write_text(MERGE)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(total), str(tmp_path / "store"),
+                               str(tmp_path / "out")], env=env, stderr=subprocess.PIPE, text=True)
+             for r in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+
+    got = {r: json.loads((tmp_path / f"out.{r}").read_text()) for r in range(3)}
+    assert got == {0: [f"s{i}" for i in range(total)], 1: [], 2: []}
