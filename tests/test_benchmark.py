@@ -28,8 +28,30 @@ def test_gflops_count_attention_only_with_fused_attention_off():
     assert extra * 1e9 == pytest.approx(blocks * 2 * 2 * 101**2 * 64, rel=1e-6)
 
 
-def test_matmul_rate_is_a_positive_gflops_figure():
-    assert 0.1 < matmul_rate("fp32", n=256, seconds=0.05) < 1e5
+def test_matmul_rate_is_flops_over_the_fastest_timed_run_on_a_fake_clock(monkeypatch):
+    """Each product "takes" a set time on a fake clock: the rate is 2 n^3 over the fastest timed run; the
+    warm-up run (fastest of all here) is not timed, and runs stop once ``seconds`` have passed."""
+    import torch
+
+    import vitcli.benchmark as benchmark
+
+    now = [0.0]
+    durations = iter([0.001, 0.004, 0.002, 0.003, 0.0005])  # warm-up, three timed runs, one never reached
+    calls = []
+    real_mm = torch.mm
+
+    def timed_mm(a, b):
+        calls.append(a.shape)
+        now[0] += next(durations)
+        return real_mm(a, b)
+
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(benchmark.torch, "mm", timed_mm)
+
+    rate = matmul_rate("fp32", n=64, seconds=0.0085)
+
+    assert len(calls) == 4 and calls[0] == (64, 64)
+    assert rate == pytest.approx(2 * 64**3 / 0.002 / 1e9)
 
 
 def test_cpu_features_name_the_relevant_flags():
