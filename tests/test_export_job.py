@@ -255,3 +255,34 @@ def test_verification_photos_ship_inside_the_package_and_are_found_outside_the_r
     assert proc.returncode == 0, proc.stderr[-2000:]
     where, said = proc.stdout.splitlines()
     assert where.startswith(str(site)) and said == what
+
+
+def test_cli_int8_target_end_to_end_writes_a_file_that_meets_it_on_the_calibration_images(tiny_model_dir, tmp_path):
+    from conftest import make_image
+    from vitcli.export.formats import data_config_of
+    from vitcli.export.verify import batch_of, load_readable
+
+    calibration = [make_image(tmp_path / "calib" / f"{i}.jpg", size=(200, 160), seed=50 + i) for i in range(24)]
+    result = runner.invoke(app, ["export", "-m", str(tiny_model_dir), "-f", "onnx", "--quantize", "int8",
+                                 "--int8-target", "1.0", "--calibration", str(tmp_path / "calib"),
+                                 "--min-agreement", "0", "-o", str(tmp_path / "t"), "--json"])
+
+    assert result.exit_code == 0, result.output
+    files = json.loads(result.stdout)["files"]
+    assert [Path(f["path"]).name for f in files] == ["t.onnx", "t.int8.onnx"]
+    meta = read_metadata("onnx", tmp_path / "t.int8.onnx")
+    quant = meta["quantization"]
+    assert quant["scheme"] == "dynamic, accuracy-aware" and quant["target"] == 1.0
+    assert quant["calibration_images"] == 24 and quant["calibration_agreement"] == 1.0
+    import onnx
+
+    from vitcli.export.quantize import weight_matmuls
+
+    assert quant["matmuls_int8"] + len(quant["matmuls_fp32"]) == len(weight_matmuls(onnx.load(tmp_path / "t.onnx")))
+    assert quant["matmuls_int8"] > 0
+    # the file written does what its metadata says: top-1 as fp32's on every calibration image
+    batch = batch_of(load_readable([str(p) for p in calibration]), data_config_of(meta))
+    fp32 = load_exported("onnx", tmp_path / "t.onnx")(batch)
+    int8 = load_exported("onnx", tmp_path / "t.int8.onnx")(batch)
+    assert (fp32.argmax(1) == int8.argmax(1)).all()
+    assert "MatMuls kept fp32" in result.stderr and "target 100.0%" in result.stderr
