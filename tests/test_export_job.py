@@ -286,3 +286,25 @@ def test_cli_int8_target_end_to_end_writes_a_file_that_meets_it_on_the_calibrati
     int8 = load_exported("onnx", tmp_path / "t.int8.onnx")(batch)
     assert (fp32.argmax(1) == int8.argmax(1)).all()
     assert "MatMuls kept fp32" in result.stderr and "target 100.0%" in result.stderr
+
+
+def test_fp16_torchscript_and_pt2_are_half_precision_and_verified(tiny_model_dir, tmp_path):
+    result = runner.invoke(app, ["export", "-m", str(tiny_model_dir), "--precision", "fp16", "-f", "torchscript",
+                                 "-f", "pt2", "-o", str(tmp_path / "half"), "--json"])
+
+    assert result.exit_code == 0, result.output
+    files = json.loads(result.stdout)["files"]
+    assert [Path(f["path"]).name for f in files] == ["half.fp16.torchscript.pt", "half.fp16.pt2"]
+    for f in files:
+        assert f["precision"] == "fp16" and f["ok"]
+        assert 0 < f["verifications"][0]["max_abs_logit"] < TOLERANCES["fp16"].max_abs_logit
+        assert read_metadata(f["format"], Path(f["path"]))["precision"] == "fp16"
+    scripted = torch.jit.load(files[0]["path"])
+    exported = torch.export.load(files[1]["path"]).module()
+    for module in (scripted, exported):
+        assert {p.dtype for p in module.parameters()} == {torch.float16}
+    batch = torch.randn(2, 3, 160, 160)
+    reference = torch.from_numpy(torch_logits(tiny_model_dir, batch.numpy()))
+    for module in (scripted, exported):
+        logits = module(batch.half())
+        assert logits.dtype == torch.float16 and (logits.float() - reference).abs().max() < 0.25
