@@ -128,3 +128,51 @@ def test_ranks_share_the_image_check(tmp_path, tiny_model_dir):
     assert proc.returncode == 0 and ranks[0]["outcome"] == ranks[1]["outcome"] == "ok", proc.stderr[-3000:]
     assert sorted(ranks[0]["checked"] + ranks[1]["checked"]) == [7, 8]  # 15 files, each checked once
     assert ranks[0]["skipped"] == ranks[1]["skipped"] == [str(data / "bees" / "broken.jpg")]
+
+
+# predict or evaluate under torchrun, where rank 1 is killed (SIGKILL: no Python cleanup, no error shared)
+# while it decodes its second image; Image.open is what every decode path goes through.
+KILLED_RANK = r'''
+import os, signal, sys
+
+from PIL import Image
+
+if os.environ["RANK"] == "1":
+    real_open, opened = Image.open, []
+
+    def open_then_die(*args, **kwargs):
+        opened.append(1)
+        if len(opened) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_open(*args, **kwargs)
+
+    Image.open = open_then_die
+
+from vitcli.cli.app import app
+
+sys.argv = ["vitcli", *sys.argv[1:]]
+app()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_a_rank_killed_mid_job_ends_the_job_with_an_error_not_a_hang(tmp_path, tiny_model_dir, command):
+    data = class_folders(tmp_path / "data", {"cat": 12, "dog": 12})
+    script = tmp_path / "job.py"
+    script.write_text(KILLED_RANK)
+    args = [str(data), "--model", str(tiny_model_dir), "--json", "-b", "2", "--workers", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), command, *args], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    took = time.monotonic() - started
+
+    assert proc.returncode != 0
+    assert "Signal 9 (SIGKILL)" in proc.stderr or "exitcode  : -9" in proc.stderr, proc.stderr[-3000:]
+    assert took < 120, f"the job took {took:.0f} s: the surviving rank waited for the dead one"
+    if command == "evaluate":
+        assert proc.stdout == ""  # no scores from half the images
