@@ -390,3 +390,303 @@ def test_float_and_int32_tiffs_are_scaled_by_their_own_range_and_nan_is_refused(
         assert abs(pixels.mean() - 127.5) < 2, name
     with pytest.raises(ImageLoadError, match="NaN or infinite values"):
         load_image(str(tmp_path / "nan.tif"))
+
+
+# ------------------------------------- items 5, 11, 12: model metadata checked once, on load
+
+GOOD_META = {"labels": ["cat", "dog", "bird"], "input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5],
+             "std": [0.25, 0.25, 0.25], "crop_pct": 0.875, "interpolation": "bilinear"}
+
+
+def small_onnx(path: Path, meta: dict, classes: int = 3, side: int = 32, raw: dict | None = None) -> Path:
+    """A 400-byte ONNX classifier (mean of each channel -> a 3 x classes matrix) with vitcli's metadata."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.arange(3 * classes, dtype=np.float32).reshape(3, classes) / 10, "w")
+    axes = numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "axes")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0),
+         helper.make_node("MatMul", ["m", "w"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, side, side])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", classes])], [weight, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    props = {k: json.dumps(v) for k, v in meta.items()} | (raw or {})
+    helper.set_model_props(model, props)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize(("change", "raw", "key"), [
+    ({"input_size": [3, 100000, 100000]}, None, "input_size"),  # before: 24 GB, OOM-killed
+    ({"input_size": [3, 64, 64]}, None, "input_size"),  # not the graph's own 32x32
+    ({"crop_pct": 0.0001}, None, "crop_pct"),
+    ({"std": [0, 0, 0]}, None, "std"),  # before: NaN probabilities, top-1 "tench", a bare NaN in --json
+    ({"mean": ["a", 1, 2]}, None, "mean"),
+    ({"labels": ["cat"]}, None, "labels"),  # before: IndexError
+    ({}, {"labels": "not json"}, "labels"),  # before: split into characters
+    ({}, {"labels": "[" * 100_000 + "]" * 100_000}, "labels"),  # before: RecursionError
+])
+def test_onnx_metadata_out_of_bounds_is_refused_on_load_naming_the_key(tmp_path, change, raw, key):
+    import sys
+
+    make_image(tmp_path / "a.png")
+    small_onnx(tmp_path / "m.onnx", GOOD_META | change, raw=raw)
+
+    # in a capped child: without the check, the first cases grow to 24 GB
+    code, stdout, stderr, _ = run_measured([sys.executable, "-m", "vitcli", "predict", "m.onnx", "a.png", "--json"],
+                                           tmp_path)
+
+    assert code == 1, stderr
+    assert stdout == ""
+    assert stderr.count("\n") == 1, stderr
+    assert "'m.onnx'" in stderr and f"'{key}'" in stderr
+    assert "internal error" not in stderr
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+def test_sane_onnx_metadata_predicts_and_a_non_finite_output_is_a_per_image_error(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vitcli.inference.onnx_engine import load_onnx, predict_onnx
+
+    make_image(tmp_path / "a.png")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "black.png")
+    model = load_onnx(small_onnx(tmp_path / "m.onnx", GOOD_META), "cpu")
+    model.metadata["std"] = [0.0] * 3  # past the load check, as a model whose output overflows: inf, NaN
+
+    records = list(predict_onnx(model, [str(tmp_path / "a.png"), str(tmp_path / "black.png")]))
+
+    assert [r.error for r in records] == [records[0].error] * 2
+    assert "not a number" in records[0].error
+
+
+def test_json_output_never_holds_a_bare_nan():
+    from vitcli.inference.predict import Label, Prediction
+    from vitcli.io.records import to_json
+
+    with pytest.raises(ValueError):
+        to_json(Prediction("a.png", [Label(1, 0, "cat", float("nan"))]))
+
+
+def test_the_onnx_input_size_bomb_is_refused_at_the_memory_of_an_empty_run(tmp_path):
+    import sys
+
+    make_image(tmp_path / "a.jpg", size=(640, 480))
+    small_onnx(tmp_path / "good.onnx", GOOD_META)
+    small_onnx(tmp_path / "huge.onnx", GOOD_META | {"input_size": [3, 100000, 100000]}, side=100000)
+    predict = [sys.executable, "-m", "vitcli", "predict", "--json"]
+
+    code, _, _, normal = run_measured([*predict, "good.onnx", "a.jpg"], tmp_path)
+    assert code == 0
+    code, stdout, stderr, huge = run_measured([*predict, "huge.onnx", "a.jpg"], tmp_path)
+
+    assert code == 1 and stdout == "" and "'input_size'" in stderr, stderr
+    print(f"peak RSS: ONNX predict {normal:.0f} MiB, refused input_size 100000 {huge:.0f} MiB")
+    assert huge < normal + 32
+
+
+def test_a_model_folder_config_json_out_of_bounds_or_of_wrong_types_is_one_line(tiny_model_dir, tmp_path):
+    import shutil
+
+    make_image(tmp_path / "a.png")
+    cases = {"std": ("pretrained_cfg", "std", [0, 0, 0]),
+             "num_classes": (None, "num_classes", "three"),
+             "label_names": (None, "label_names", "not a list"),
+             "pretrained_cfg": (None, "pretrained_cfg", [1, 2])}
+    for key, (section, field, value) in cases.items():
+        folder = tmp_path / key
+        shutil.copytree(tiny_model_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        (config[section] if section else config)[field] = value
+        (folder / "config.json").write_text(json.dumps(config))
+
+        result = predict_tiny(folder, tmp_path / "a.png")
+
+        assert result.exit_code == 1, (key, result.output)
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert f"{folder / 'config.json'}" in result.stderr and f"'{key}'" in result.stderr, result.stderr
+        assert "internal error" not in result.stderr
+
+
+def test_a_model_folder_input_size_bomb_is_refused_before_any_image(tiny_model_dir, tmp_path):
+    import shutil
+    import sys
+
+    make_image(tmp_path / "a.png")
+    shutil.copytree(tiny_model_dir, tmp_path / "huge")
+    config = json.loads((tmp_path / "huge" / "config.json").read_text())
+    config["pretrained_cfg"]["input_size"] = [3, 100000, 100000]
+    (tmp_path / "huge" / "config.json").write_text(json.dumps(config))
+
+    code, _, stderr, peak = run_measured([sys.executable, "-m", "vitcli", "predict", "a.png", "--model", "huge"],
+                                         tmp_path)
+
+    assert code == 1 and stderr.count("\n") == 1, stderr
+    assert f"{Path('huge') / 'config.json'}" in stderr and "'input_size'" in stderr
+    print(f"peak RSS: model folder with input_size 100000, refused: {peak:.0f} MiB")
+
+
+# ------------------------------------------------------------- item 9: say which folder shadows
+
+
+def test_a_weights_folder_shadowing_the_shipped_model_is_named_on_stderr(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from vitcli.embedded import DEFAULT_MODEL
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("VITCLI_WEIGHTS")  # the default store: ./weights
+    shutil.copytree(tiny_model_dir, tmp_path / "weights" / DEFAULT_MODEL)
+    make_image(tmp_path / "a.png")
+
+    result = invoke("predict", "a.png", "--workers", "0", "--json")
+
+    assert result.exit_code == 0, result.output
+    assert {p["label"] for p in json.loads(result.stdout)["predictions"]} <= set(TINY_LABELS)
+    assert result.stderr == (f"Note: '{DEFAULT_MODEL}' is loaded from the model store, "
+                             f"'weights/{DEFAULT_MODEL}', which comes before the shipped model of that name; "
+                             "rename or remove it to use the other\n")
+
+
+# ------------------------------------------ items 15, 16: damaged model folders name the file
+
+
+def test_model_folder_weights_of_another_shape_or_damaged_name_the_keys_or_the_file(tiny_model_dir, tmp_path):
+    import shutil
+
+    import safetensors.torch
+    import timm
+
+    make_image(tmp_path / "a.png")
+    wrong = tmp_path / "wrong"
+    shutil.copytree(tiny_model_dir, wrong)
+    state = timm.create_model("test_vit", num_classes=5).state_dict()
+    safetensors.torch.save_file(state, wrong / "model.safetensors")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, damaged)
+    (damaged / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+
+    shape = predict_tiny(wrong, tmp_path / "a.png")
+    broken = predict_tiny(damaged, tmp_path / "a.png")
+
+    assert shape.exit_code == 1 and shape.stderr.count("\n") == 1, shape.stderr
+    assert "head.weight has shape (5, 64), model expects (3, 64)" in shape.stderr
+    assert broken.exit_code == 1 and broken.stderr.count("\n") == 1, broken.stderr
+    assert f"'{damaged / 'model.safetensors'}' is damaged" in broken.stderr and "internal" not in broken.stderr
+
+
+def test_a_model_that_outputs_nan_gives_a_per_image_error_and_valid_json(tiny_model_dir, tmp_path):
+    import shutil
+
+    import safetensors.torch
+
+    make_image(tmp_path / "a.png")
+    folder = tmp_path / "nan"
+    shutil.copytree(tiny_model_dir, folder)
+    state = safetensors.torch.load_file(folder / "model.safetensors")
+    state["head.bias"][0] = float("nan")
+    safetensors.torch.save_file(state, folder / "model.safetensors")
+
+    result = predict_tiny(folder, tmp_path / "a.png", "--json")
+
+    assert result.exit_code == 1, result.output
+    [record] = [json.loads(line) for line in result.stdout.splitlines()]  # valid JSON: no bare NaN
+    assert record["predictions"] == [] and "not a number" in record["error"]
+
+
+# ---------------------------------- item 16: errors of the machine are one line naming the file
+
+
+def test_a_full_disk_under_output_is_one_line_and_the_rerun_completes(tiny_model_dir, tmp_path):
+    make_image(tmp_path / "a.png")
+    make_image(tmp_path / "b.png", seed=1)
+    out = tmp_path / "out.jsonl"
+    out.symlink_to("/dev/full")  # every write: ENOSPC
+
+    full = predict_tiny(tiny_model_dir, tmp_path / "a.png", tmp_path / "b.png", "-o", out)
+    out.unlink()  # space freed
+    again = predict_tiny(tiny_model_dir, tmp_path / "a.png", tmp_path / "b.png", "-o", out)
+
+    assert full.exit_code == 1, full.output
+    assert full.stderr.count("\n") == 1 and "internal" not in full.stderr, full.stderr
+    assert f"'{out}': No space left on device; free some space and rerun the same command" in full.stderr
+    assert again.exit_code == 0 and len(out.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(("errno_name", "fix"), [("EROFS", "the file system is read-only"),
+                                                 ("EACCES", "write somewhere you may")])
+@pytest.mark.parametrize("option", ["-o", "--csv"])
+def test_a_read_only_or_forbidden_output_is_one_line_naming_it(tiny_model_dir, tmp_path, monkeypatch, errno_name,
+                                                               fix, option):
+    import errno
+
+    make_image(tmp_path / "a.png")
+    out = tmp_path / "ro" / ("out.jsonl" if option == "-o" else "out.csv")
+    real_open = Path.open
+
+    def refusing_open(self, *args, **kwargs):  # as root nothing is read-only: the file system's answer, mocked
+        if self == out:
+            raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)), str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refusing_open)
+    result = predict_tiny(tiny_model_dir, tmp_path / "a.png", option, out)
+
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1 and "internal" not in result.stderr, result.stderr
+    assert f"'{out}': {os.strerror(getattr(errno, errno_name))}; {fix}" in result.stderr
+
+
+def test_os_errors_anywhere_in_a_command_are_one_line_naming_the_file(capsys):
+    import errno
+
+    import typer
+
+    from vitcli.cli.errors import handled_errors
+
+    with pytest.raises(typer.Exit) as exit_info, handled_errors():
+        raise OSError(errno.EROFS, "Read-only file system", "runs/finetune/exp/state.pt")
+
+    assert exit_info.value.exit_code == 1
+    assert capsys.readouterr().err == ("Error: 'runs/finetune/exp/state.pt': Read-only file system; the file system "
+                                       "is read-only: write somewhere else (another --output, --project or folder)\n")
+
+
+def test_patches_with_an_image_size_smaller_than_a_patch_is_a_usage_error(tmp_path):
+    make_image(tmp_path / "a.png")
+
+    result = invoke("patches", str(tmp_path / "a.png"), "--img-size", "7", "--no-pretrained", "--out",
+                    str(tmp_path / "out"))
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "--img-size 7 holds no patch" in result.stderr
+
+
+def test_a_redirect_loop_is_one_line():
+    import http.server
+    import threading
+
+    from vitcli.errors import ImageLoadError
+    from vitcli.io.images import fetch_url
+
+    class Loop(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Loop)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ImageLoadError) as e:
+            fetch_url(f"http://127.0.0.1:{server.server_address[1]}/a.jpg", timeout=10)
+    finally:
+        server.shutdown()
+    assert "\n" not in e.value.reason and "redirect" in e.value.reason

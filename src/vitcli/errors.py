@@ -96,6 +96,17 @@ class VerificationError(VitcliError):
     """An exported file whose outputs differ from PyTorch's past the tolerance (exit code 1)."""
 
 
+class VitcliNote(UserWarning):
+    """Something worth knowing that is no error (the CLI prints it as one ``Note: ...`` line on stderr)."""
+
+
+def note(message: str) -> None:
+    """Tell the user something from the core, which never prints: a warning the CLI shows as ``Note:``."""
+    import warnings
+
+    warnings.warn(message, VitcliNote, stacklevel=2)
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (or its type's name): library errors can run to pages."""
     text = str(e).strip().splitlines()

@@ -53,10 +53,25 @@ def _stdout_closed() -> typer.Exit:
 @contextlib.contextmanager
 def handled_errors() -> Iterator[None]:
     """Wrap a command body: typed errors become one line; Ctrl-C exits 130; bugs say how to debug."""
-    from vitcli.errors import VitcliError
+    import warnings
+
+    from vitcli.errors import VitcliError, VitcliNote
+
+    show = warnings.showwarning
+
+    def show_notes(message, category, *args, **kwargs) -> None:  # warnings.showwarning's signature
+        if issubclass(category, VitcliNote):
+            from vitcli.console import err
+
+            err.print(f"[bold]Note:[/] {escape(message)}", highlight=False)
+        else:
+            show(message, category, *args, **kwargs)
 
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", VitcliNote)
+            warnings.showwarning = show_notes
+            yield
     except typer.Exit:
         raise
     except VitcliError as e:
@@ -67,8 +82,22 @@ def handled_errors() -> Iterator[None]:
         raise fail("interrupted", 130) from None
     except BrokenPipeError:
         raise _stdout_closed() from None
+    except OSError as e:  # a full disk, a read-only folder, a file we may not write: the machine's problem
+        import errno
+
+        if debug():
+            raise
+        if not (e.filename or e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)):
+            raise _internal(e) from None
+        from vitcli.io.fileio import describe_os_error
+
+        raise fail(escape(describe_os_error(e)), 1) from None
     except Exception as e:
         if debug():
             raise
-        raise fail(f"{escape(f'{type(e).__name__}: {e}'.splitlines()[0])} (an internal error; "
-                   f"rerun with {DEBUG_ENV}=1 for the traceback and report it)", 1) from None
+        raise _internal(e) from None
+
+
+def _internal(e: BaseException) -> typer.Exit:
+    return fail(f"{escape(f'{type(e).__name__}: {e}'.splitlines()[0])} (an internal error; "
+                f"rerun with {DEBUG_ENV}=1 for the traceback and report it)", 1)

@@ -172,6 +172,11 @@ def load_token_model(options: PatchesOptions) -> LoadedModel:
     with unfused_attention():
         loaded = load_model(options.model, options.weights, pretrained=options.pretrained, img_size=options.img_size)
     require_token_model(loaded.model, options.model)
+    grid = getattr(getattr(loaded.model, "patch_embed", None), "grid_size", None)
+    if options.img_size is not None and grid is not None and min(grid) < 1:
+        patch = getattr(loaded.model.patch_embed, "patch_size", "?")
+        raise UsageError(f"--img-size {options.img_size} holds no patch of {options.model} (patches of {patch} "
+                         "pixels); give a multiple of the patch size, e.g. 224")
     return loaded
 
 

@@ -9,7 +9,6 @@ PIL images, so the pixels fed to the network equal timm's exactly.
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,10 @@ import numpy as np
 
 from vitcli.cpuinfo import usable_cpus
 from vitcli.errors import ImageLoadError, MissingExtraError, ModelLoadError, UsageError
+from vitcli.inference.predict import NOT_A_NUMBER
 from vitcli.io.images import load_image
 from vitcli.io.preprocess import DATA_KEYS, preprocess
+from vitcli.models.metadata import check_data_config, check_labels, parse_json_value
 
 INSTALL_HINT = 'ONNX support needs the export extra: pip install -e ".[export]"'
 
@@ -75,20 +76,14 @@ class OnnxModel:
         return out.astype(np.float32, copy=False)
 
 
-def read_metadata(session: Any) -> dict[str, Any]:
+def read_metadata(session: Any, where: str = "model") -> dict[str, Any]:
     """The vitcli metadata of a session: each ``metadata_props`` value is a JSON document."""
-    return parse_metadata(session.get_modelmeta().custom_metadata_map)
+    return parse_metadata(session.get_modelmeta().custom_metadata_map, where)
 
 
-def parse_metadata(raw: dict[str, str]) -> dict[str, Any]:
-    """JSON-decode each value; values other tools wrote as plain strings stay strings."""
-    meta: dict[str, Any] = {}
-    for key, value in raw.items():
-        try:
-            meta[key] = json.loads(value)
-        except json.JSONDecodeError:
-            meta[key] = value
-    return meta
+def parse_metadata(raw: dict[str, str], where: str = "model") -> dict[str, Any]:
+    """JSON-decode each value (nesting bounded); values other tools wrote as plain strings stay strings."""
+    return {key: parse_json_value(key, value, where) for key, value in raw.items()}
 
 
 def session_options(threads: int | None = None, spin: bool = True) -> Any:
@@ -137,11 +132,15 @@ def load_onnx(path: str | Path, device: str = "auto", threads: int | None = None
         session = ort.InferenceSession(str(path), session_options(threads, spin), providers=chosen)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise ModelLoadError(f"'{path}' is not a loadable ONNX model ({str(e).strip().splitlines()[0]})") from e
-    meta = read_metadata(session)
+    meta = read_metadata(session, f"'{path}'")
     if not {"labels", "input_size", "mean", "std"} <= meta.keys():
         raise ModelLoadError(f"'{path}' has no vitcli metadata (labels, input_size, mean, std); "
                              "export it with `vitcli export`, which writes them into the file")
-    return OnnxModel(session, path, meta)
+    model = OnnxModel(session, path, meta)
+    inputs, outputs = session.get_inputs()[0].shape, session.get_outputs()[0].shape  # (B, C, H, W), (B, classes)
+    check_data_config(model.data_config, f"'{path}'", inputs[2:] if len(inputs) == 4 else None)
+    check_labels(meta["labels"], f"'{path}'", outputs[-1] if len(outputs) == 2 else None)
+    return model
 
 
 def softmax(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
@@ -185,9 +184,15 @@ def predict_onnx(model: OnnxModel, sources: Iterable[str], top_k: int = 5, batch
             probs = softmax(model.logits(batch), temperature)
             if tta:
                 probs = (probs + softmax(model.logits(np.ascontiguousarray(batch[..., ::-1])), temperature)) / 2
+            if probs.shape[1] != len(labels):  # a graph whose class count is not fixed in the file
+                raise ModelLoadError(f"'{model.path}' outputs {probs.shape[1]} classes but its metadata has "
+                                     f"{len(labels)} labels; export the model again")
             order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+            finite = np.isfinite(probs).all(axis=1)
         row = 0
         for source, error in zip(chunk, errors, strict=True):
+            if error is None and not finite[row]:
+                error, row = NOT_A_NUMBER, row + 1
             if error is not None:
                 yield Prediction(source, error=error)
                 continue

@@ -14,12 +14,15 @@ for this predictor or any other (a torch-free ONNX Runtime one) that yields reco
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vitcli.errors import UsageError
+
+NOT_A_NUMBER = "the model's output for this image is not a number (NaN or infinite); no labels can be given"
 
 if TYPE_CHECKING:
     import torch
@@ -113,6 +116,8 @@ def predict(loaded: LoadedModel, sources: Iterable[str], options: PredictOptions
                                                                top_of, device, options.workers):
         row = 0
         for source, error in zip(batch, errors, strict=True):
+            if error is None and not all(math.isfinite(p) for p in values[row]):
+                error, row = NOT_A_NUMBER, row + 1
             if error is not None:
                 yield Prediction(source, error=error)
                 continue

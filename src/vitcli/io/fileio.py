@@ -160,3 +160,19 @@ def lock_for_writing(stream: IO, path: str | Path) -> None:
                           "wait until that job ends, or give another file name") from None
     except OSError:
         return
+
+
+def describe_os_error(e: OSError, path: str | Path | None = None) -> str:
+    """One line for an error of the machine, not of vitcli: the file, what happened, what to do."""
+    import errno
+
+    where = f"'{path or e.filename}': " if (path or e.filename) else ""
+    reason = e.strerror or type(e).__name__
+    fix = {errno.ENOSPC: "free some space and rerun the same command",
+           errno.EDQUOT: "free some space (the disk quota is full) and rerun the same command",
+           errno.EROFS: "the file system is read-only: write somewhere else (another --output, --project or folder)",
+           errno.EACCES: "write somewhere you may, or change the permissions",
+           errno.EPERM: "write somewhere you may, or change the permissions",
+           errno.EISDIR: "give a file name, not a folder",
+           errno.ENOTDIR: "a part of the path is a file, not a folder: give another path"}.get(e.errno or 0)
+    return f"{where}{reason}" + (f"; {fix}" if fix else "")

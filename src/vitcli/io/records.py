@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from vitcli.errors import UsageError
+from vitcli.errors import UsageError, VitcliError
 from vitcli.inference.predict import Label, Prediction
 
 CSV_HEADER = ("source", "rank", "index", "label", "prob", "error")
@@ -37,7 +37,7 @@ class RecordSink(Protocol):
 def to_json(record: Prediction) -> str:
     """One JSON Lines record: ``{"source", "predictions": [{"rank", "index", "label", "prob"}], "error"}``."""
     return json.dumps({"source": record.source, "predictions": [vars(label) for label in record.top],
-                       "error": record.error})
+                       "error": record.error}, allow_nan=False)  # a bare NaN is not JSON: never written
 
 
 def from_json(line: str) -> Prediction:
@@ -53,6 +53,26 @@ def csv_rows(record: Prediction) -> list[list[Any]]:
     return [[record.source, label.rank, label.index, label.label, f"{label.prob:.6f}", ""] for label in record.top]
 
 
+class OutputError(VitcliError):
+    """An output file that could not be written (a full disk, a read-only folder): the machine's problem."""
+
+
+@contextlib.contextmanager
+def _os_errors_named(stream: IO[str]) -> Iterator[None]:
+    """An OSError while writing ``stream`` as one OutputError naming its file (stdout's are left as they are)."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        name = getattr(stream, "name", None)
+        if not isinstance(name, str) or name.startswith("<"):
+            raise
+        from vitcli.io.fileio import describe_os_error
+
+        raise OutputError(describe_os_error(e, name) + " (the records written so far are kept)") from e
+
+
 class JsonlWriter:
     """JSON Lines, one flushed line per record."""
 
@@ -60,8 +80,9 @@ class JsonlWriter:
         self.stream = stream
 
     def write(self, record: Prediction) -> None:
-        self.stream.write(to_json(record) + "\n")  # one write per record: a record is whole or absent
-        self.stream.flush()
+        with _os_errors_named(self.stream):
+            self.stream.write(to_json(record) + "\n")  # one write per record: a record is whole or absent
+            self.stream.flush()
 
 
 class CsvWriter:
@@ -80,8 +101,9 @@ class CsvWriter:
         self._flush()
 
     def _flush(self) -> None:
-        self.stream.write(self.buffer.getvalue())
-        self.stream.flush()
+        with _os_errors_named(self.stream):
+            self.stream.write(self.buffer.getvalue())
+            self.stream.flush()
         self.buffer.seek(0)
         self.buffer.truncate()
 
@@ -92,12 +114,15 @@ class CsvFile:
     has anything to write leaves an existing file alone."""
 
     def __init__(self, path: Path):
-        from vitcli.io.fileio import lock_for_writing
+        from vitcli.io.fileio import describe_os_error, lock_for_writing
 
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
-        self.stream: IO[str] = self.path.open("a", newline="", encoding="utf-8", errors=NAME_ERRORS)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.stream: IO[str] = self.path.open("a", newline="", encoding="utf-8", errors=NAME_ERRORS)
+        except OSError as e:
+            raise OutputError(describe_os_error(e, self.path)) from e
         try:
             lock_for_writing(self.stream, self.path)
         except BaseException:
@@ -113,7 +138,8 @@ class CsvFile:
         self.writer.write(record)
 
     def close(self) -> None:
-        self.stream.close()
+        with contextlib.suppress(OSError):  # what a failed write left in the buffer: cut on resume
+            self.stream.close()
         if self.writer is None and self.created:  # nothing was written: leave no empty file behind
             self.path.unlink(missing_ok=True)
 
@@ -223,7 +249,8 @@ class OpenOutput:
     done: DoneSources
 
     def close(self) -> None:
-        self.stream.close()
+        with contextlib.suppress(OSError):  # what a failed write left in the buffer: cut on resume
+            self.stream.close()
 
 
 def open_output(path: str | Path, resume: bool = True) -> OpenOutput:
@@ -238,8 +265,13 @@ def open_output(path: str | Path, resume: bool = True) -> OpenOutput:
 
     path = Path(path)
     fmt = output_format(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stream = path.open("a", newline="" if fmt == "csv" else None, encoding="utf-8", errors=NAME_ERRORS)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stream = path.open("a", newline="" if fmt == "csv" else None, encoding="utf-8", errors=NAME_ERRORS)
+    except OSError as e:
+        from vitcli.io.fileio import describe_os_error
+
+        raise OutputError(describe_os_error(e, path)) from e
     try:
         lock_for_writing(stream, path)
         if not resume:

@@ -9,6 +9,7 @@ from typing import Any
 import timm
 from torch import nn
 
+from vitcli.errors import ModelLoadError
 from vitcli.io.fileio import give_ordinary_permissions, replace_dir, temp_dir_beside
 
 RUN_MODEL_NAMES = ("best", "last")  # model folders inside a `vitcli finetune` run, in order of preference
@@ -16,6 +17,55 @@ RUN_MODEL_NAMES = ("best", "last")  # model folders inside a `vitcli finetune` r
 
 def is_model_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
+
+
+def read_folder_config(folder: Path) -> dict[str, Any]:
+    """A model folder's config.json, checked before timm reads it: valid JSON, the field types timm
+    expects, labels as strings (one per class), and a model size and data config within bounds
+    (``vitcli.models.metadata``). Raises ModelLoadError naming the file and the key."""
+
+    from vitcli.models.metadata import MAX_SIDE, MIN_SIDE, check_data_config, check_labels, parse_json_value
+
+    path = folder / "config.json"
+    where = f"'{path}'"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{where} cannot be read ({e.strerror if isinstance(e, OSError) else e}); "
+                             "check the folder, or save the model again") from e
+    config = parse_json_value("config.json", text, where)
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{where} is not a JSON object of model settings; save the model again "
+                             "(vitcli finetune and timm's save_for_hf write it)")
+    expected = {"architecture": str, "num_classes": int, "num_features": int, "model_args": dict,
+                "pretrained_cfg": dict, "label_names": list}
+    for key, kind in expected.items():
+        if key in config and (not isinstance(config[key], kind) or isinstance(config[key], bool)):
+            raise ModelLoadError(f"{where}: '{key}' is {type(config[key]).__name__}, but must be "
+                                 f"{'an object' if kind is dict else 'a list' if kind is list else kind.__name__}; "
+                                 "fix the file or save the model again")
+    classes = config.get("num_classes")
+    if "label_names" in config:
+        check_labels(config["label_names"], where, classes, key="label_names")
+    img_size = config.get("model_args", {}).get("img_size")
+    sides = img_size if isinstance(img_size, (list, tuple)) else [img_size] if img_size is not None else []
+    if not all(isinstance(v, int) and not isinstance(v, bool) and MIN_SIDE <= v <= MAX_SIDE for v in sides):
+        raise ModelLoadError(f"{where}: 'model_args.img_size' is {img_size!r}, but must be {MIN_SIDE} to "
+                             f"{MAX_SIDE} pixels; fix the file or save the model again")
+    data = {k: v for k, v in config.get("pretrained_cfg", {}).items()
+            if k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")}
+    if data:
+        check_data_config({"input_size": [3, 224, 224], "mean": [0.5], "std": [0.5], **data}, where)
+    return config
+
+
+def own_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The (height, width) a model's graph is built for, where it has a fixed one (a ViT's patch grid)."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if size is None or getattr(embed, "dynamic_img_size", False) or not getattr(embed, "strict_img_size", True):
+        return None
+    return (size, size) if isinstance(size, int) else tuple(size)[:2]
 
 
 def model_labels(model: nn.Module) -> list[str]:

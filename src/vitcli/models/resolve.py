@@ -18,6 +18,7 @@ Names live in ``names``, the hub in ``hub``, the store in ``store``, model folde
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,17 @@ import timm
 from torch import nn
 
 from vitcli.embedded import DEFAULT_MODEL, embedded_model
-from vitcli.errors import ModelLoadError, UsageError, first_line
-from vitcli.models.folders import RUN_MODEL_NAMES, is_model_folder, model_labels
+from vitcli.errors import ModelLoadError, UsageError, first_line, note
+from vitcli.models.folders import RUN_MODEL_NAMES, is_model_folder, model_labels, own_input_size, read_folder_config
 from vitcli.models.hub import create_from_hub
+from vitcli.models.metadata import check_data_config
 from vitcli.models.names import as_hub_id, check_arch, split_name
 from vitcli.models.store import find_in_store, store_dir
 from vitcli.models.weightfiles import WEIGHT_SUFFIXES, load_weights
 
+# how torch's load_state_dict words a weight of another shape
+SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
+                           r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model"]
 
 
@@ -88,12 +93,14 @@ def load_model(
         load_weights(model, Path(weights), new_head=num_classes is not None)
         source = "weights"
     elif folder is not None:
-        model = _create(f"local-dir:{folder.resolve()}", pretrained=pretrained, **kwargs)
+        _note_shadowing(name, folder, "a folder here")
+        model = _create_from_folder(folder, pretrained, kwargs)
         arch = model.pretrained_cfg.get("architecture", split_name(name)[0])
         source = "local-dir"
     elif (entry := find_in_store(name)) is not None:
+        _note_shadowing(name, entry, "the model store")
         if entry.is_dir():
-            model = _create(f"local-dir:{entry.resolve()}", pretrained=pretrained, **kwargs)
+            model = _create_from_folder(entry, pretrained, kwargs)
             arch = model.pretrained_cfg.get("architecture", split_name(name)[0])
         else:
             arch = check_arch(name)
@@ -118,6 +125,8 @@ def load_model(
     # pretrained_cfg keeps the source resolution: a ViT built at 288 must be fed 288, not its pretrained 224
     data_config = (timm.data.resolve_input_data_config(model, args={"img_size": img_size}) if img_size
                    else timm.data.resolve_model_data_config(model))
+    if source in ("local-dir", "store") and (folder or entry).is_dir():  # type: ignore[union-attr]
+        check_data_config(data_config, f"'{(folder or entry) / 'config.json'}'", own_input_size(model))
     return LoadedModel(
         model=model,
         name=name,
@@ -152,6 +161,38 @@ def _as_model_folder(name: str) -> Path | None:
         raise UsageError(f"model folder '{path}' does not exist; give a timm name "
                          f"(e.g. {DEFAULT_MODEL}) or a folder with config.json + model.safetensors")
     return None
+
+
+def _note_shadowing(name: str, found: Path, where: str) -> None:
+    """Say which folder is loaded when ``name`` is also a shipped model or a timm name (a ``weights/NAME``
+    folder silently replacing the shipped default could show any labels it likes)."""
+    raw = name.removeprefix("local-dir:")
+    if raw != name or os.sep in raw or raw.startswith("."):
+        return  # a path, meant as one
+    if embedded_model(raw) is not None or timm.is_model(split_name(raw)[0]):
+        kind = "shipped" if embedded_model(raw) is not None else "timm"
+        note(f"'{name}' is loaded from {where}, '{found}', which comes before the {kind} model of that name; "
+             "rename or remove it to use the other")
+
+
+def _create_from_folder(folder: Path, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """timm.create_model on a model folder whose config.json was checked first (``read_folder_config``);
+    what timm then fails on (weights of other shapes, a damaged model.safetensors) is one line naming it."""
+    read_folder_config(folder)
+    try:
+        return timm.create_model(f"local-dir:{folder.resolve()}", pretrained=pretrained, **kwargs)
+    except Exception as e:  # timm and safetensors raise anything: RuntimeError, SafetensorError, TypeError, ...
+        mismatches = [f"{key} has shape ({got}), model expects ({want})"
+                      for key, got, want in SIZE_MISMATCH.findall(str(e))]
+        if mismatches:
+            more = f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
+            raise ModelLoadError(f"'{folder / 'model.safetensors'}' does not fit the architecture in its "
+                                 f"config.json: {'; '.join(mismatches[:3])}{more}; save the model again") from e
+        if "safetensor" in type(e).__name__.lower() or "header" in str(e).lower():
+            raise ModelLoadError(f"'{folder / 'model.safetensors'}' is damaged ({first_line(e)}); "
+                                 "copy or save the model again") from e
+        raise ModelLoadError(f"could not load the model folder '{folder}': {first_line(e)}; check its "
+                             "config.json and model.safetensors, or save the model again") from e
 
 
 def _create(name: str, **kwargs: Any) -> nn.Module:

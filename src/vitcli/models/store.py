@@ -45,7 +45,11 @@ def list_store() -> list[dict[str, Any]]:
         return entries
     for path in sorted(store.iterdir()):
         if is_model_folder(path):
-            cfg = json.loads((path / "config.json").read_text())
+            try:
+                cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+                cfg = cfg if isinstance(cfg, dict) else {}
+            except (OSError, ValueError, RecursionError):  # listed as unknown; loading it names the problem
+                cfg = {}
             size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
             arch, classes = cfg.get("architecture", "?"), cfg.get("num_classes", "?")
         elif path.is_file() and path.suffix in WEIGHT_SUFFIXES:
