@@ -690,3 +690,16 @@ def test_a_redirect_loop_is_one_line():
     finally:
         server.shutdown()
     assert "\n" not in e.value.reason and "redirect" in e.value.reason
+
+
+def test_a_kill_during_the_first_save_leaves_nothing_after_resume_is_tried(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"config": {"data": str(tmp_path)}, "resolved": {}}))
+    (run / ".state.pt.a1b2c3d4").write_bytes(b"\0" * 3_000_000)  # torch.save cut by kill -9, no state.pt yet
+
+    result = invoke("finetune", "--resume", str(run))
+
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "removed what a kill during its first save left: .state.pt.a1b2c3d4 (3.0 MB)" in result.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["args.json"]

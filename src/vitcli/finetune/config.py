@@ -145,8 +145,14 @@ def resume_config(run_dir: str | Path, **given: Any) -> FinetuneConfig:
         for folder in ("best", "last"):
             recover_dir(run_dir / folder)  # a swap cut short by a hard kill
     if not (run_dir / STATE_FILE).is_file():
+        removed = ""
+        if torchrun_rank().main:  # a kill during the first save leaves only its partial copy: gone now, named
+            from vitcli.finetune.rundir import remove_leftovers
+
+            if leftovers := remove_leftovers(run_dir):
+                removed = f"; removed what a kill during its first save left: {', '.join(leftovers)}"
         raise UsageError(f"nothing to resume in '{run_dir}': it has no {STATE_FILE} (the run stopped "
-                         "before its first step); start a new run")
+                         f"before its first save{removed}); start a new run")
     try:
         saved = json.loads(args_file.read_text(encoding="utf-8"))["config"]
         if not isinstance(saved, dict):
