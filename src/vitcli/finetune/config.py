@@ -147,9 +147,9 @@ def resume_config(run_dir: str | Path, **given: Any) -> FinetuneConfig:
     if not (run_dir / STATE_FILE).is_file():
         removed = ""
         if torchrun_rank().main:  # a kill during the first save leaves only its partial copy: gone now, named
-            from vitcli.finetune.rundir import remove_leftovers
+            from vitcli.io.fileio import remove_partial_copies
 
-            if leftovers := remove_leftovers(run_dir):
+            if leftovers := remove_partial_copies(run_dir, (STATE_FILE, ARGS_FILE), ("best", "last")):
                 removed = f"; removed what a kill during its first save left: {', '.join(leftovers)}"
         raise UsageError(f"nothing to resume in '{run_dir}': it has no {STATE_FILE} (the run stopped "
                          f"before its first save{removed}); start a new run")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -102,30 +101,13 @@ def clear_run(run_dir: Path) -> list[str]:
     return list(dict.fromkeys(removed))
 
 
-# the temporary files of atomic_open (".state.pt.k3j9x_2a") and folders of temp_dir_beside (".best.x8w2q1ab")
-# beside what a run writes, and replace_dir's ".best.old": what a hard kill in the middle of a save leaves
-_LEFTOVER_FILE = re.compile(r"\.(?:" + "|".join(re.escape(name) for name in RUN_FILES) + r")\.\w+")
-_LEFTOVER_DIR = re.compile(r"\.(" + "|".join(MODEL_FOLDERS) + r")\.(\w+)")
-
-
 def remove_leftovers(run_dir: Path) -> list[str]:
     """Remove the partial copies a run killed while saving left in ``run_dir`` (a 40 MB ``.state.pt.XXXX``,
-    a whole ``.best.XXXX`` folder); ``name (size)`` of each, for the user. A ``.best.old`` whose ``best/``
-    is missing is kept: ``fileio.recover_dir`` puts it back (call that first)."""
-    removed = []
-    for entry in sorted(run_dir.iterdir()) if run_dir.is_dir() else ():
-        if entry.is_file() and _LEFTOVER_FILE.fullmatch(entry.name):
-            size = entry.stat().st_size
-            entry.unlink()
-        elif entry.is_dir() and (match := _LEFTOVER_DIR.fullmatch(entry.name)):
-            if match.group(2) == "old" and not (run_dir / match.group(1)).is_dir():
-                continue
-            size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
-            shutil.rmtree(entry)
-        else:
-            continue
-        removed.append(f"{entry.name} ({size / 1e6:.1f} MB)")
-    return removed
+    a whole ``.best.XXXX`` folder); ``name (size)`` of each. A ``.best.old`` whose ``best/`` is missing is
+    kept: ``fileio.recover_dir`` puts it back (call that first)."""
+    from vitcli.io.fileio import remove_partial_copies
+
+    return remove_partial_copies(run_dir, RUN_FILES, MODEL_FOLDERS)
 
 
 def write_args(run_dir: Path, config: FinetuneConfig, loaded: LoadedModel, data_config: dict[str, Any],

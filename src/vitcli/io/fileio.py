@@ -176,3 +176,29 @@ def describe_os_error(e: OSError, path: str | Path | None = None) -> str:
            errno.EISDIR: "give a file name, not a folder",
            errno.ENOTDIR: "a part of the path is a file, not a folder: give another path"}.get(e.errno or 0)
     return f"{where}{reason}" + (f"; {fix}" if fix else "")
+
+
+def remove_partial_copies(folder: str | Path, names: tuple[str, ...], folders: tuple[str, ...] = ()) -> list[str]:
+    """Remove what a hard kill in the middle of a save left in ``folder``: the temporary files of
+    ``atomic_open`` beside ``names`` (``.state.pt.k3j9x_2a``), the temporary folders of ``temp_dir_beside``
+    beside ``folders`` (``.best.x8w2q1ab``) and ``replace_dir``'s ``.best.old`` once ``best/`` is back
+    (``recover_dir`` first). Returns ``name (size)`` of each, for the user."""
+    import re
+
+    files = re.compile(r"\.(?:" + "|".join(re.escape(n) for n in names) + r")\.\w+")
+    dirs = re.compile(r"\.(" + "|".join(re.escape(n) for n in folders) + r")\.(\w+)") if folders else None
+    folder = Path(folder)
+    removed = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if entry.is_file() and files.fullmatch(entry.name):
+            size = entry.stat().st_size
+            entry.unlink()
+        elif entry.is_dir() and dirs is not None and (match := dirs.fullmatch(entry.name)):
+            if match.group(2) == "old" and not (folder / match.group(1)).is_dir():
+                continue  # recover_dir's to put back
+            size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+            shutil.rmtree(entry)
+        else:
+            continue
+        removed.append(f"{entry.name} ({size / 1e6:.1f} MB)")
+    return removed
