@@ -203,14 +203,16 @@ def test_a_csv_cut_inside_a_quoted_name_is_redone(tiny_model_dir, tmp_path):
 # ------------------------------------------------- item 13: resume by (source, occurrence)
 
 
-def test_a_list_naming_one_image_many_times_resumes_to_the_uninterrupted_output(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_list_naming_one_image_many_times_resumes_to_the_uninterrupted_output(tiny_model_dir, tmp_path, suffix):
     image = make_image(tmp_path / "a.png")
     other = make_image(tmp_path / "b.png", seed=1)
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{image}\n" if i % 3 else f"{other}\n" for i in range(20)))
-    whole, out = tmp_path / "whole.jsonl", tmp_path / "out.jsonl"
+    whole, out = tmp_path / f"whole{suffix}", tmp_path / f"out{suffix}"
     assert predict_tiny(tiny_model_dir, "--files-from", listing, "-o", whole).exit_code == 0
-    out.write_text("".join(whole.read_text().splitlines(keepends=True)[:8]))  # killed after 8 records
+    lines = whole.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:8] if suffix == ".jsonl" else lines[:1 + 3 * 8]))  # killed after 8 records
 
     again = predict_tiny(tiny_model_dir, "--files-from", listing, "-o", out)
 

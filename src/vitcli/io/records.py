@@ -233,8 +233,8 @@ def recorded_sources(path: Path) -> Iterator[str]:
             raise UsageError(f"--output '{path}' is not a vitcli predictions CSV (header {','.join(header)}); "
                              "give another file name, or remove the file to start over")
         last = None
-        for row in rows:
-            if row and row[0] != last:
+        for row in rows:  # a record starts at a new source, at rank 1, or with an error row (no rank)
+            if row and (row[0] != last or len(row) < 2 or row[1] in ("1", "")):
                 last = row[0]
                 yield last
 
