@@ -81,3 +81,64 @@ def test_confusion_matrix_that_does_not_fit_the_labels_writes_nothing(tmp_path):
 def test_importing_plots_does_not_import_matplotlib():
     check = "import sys, vitcli.charts; assert 'matplotlib' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", check], timeout=60).returncode == 0
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> list:
+    """The figures the charts draw, rendered, instead of written."""
+    import vitcli.charts as charts
+
+    figures: list = []
+
+    def keep(fig, path):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        FigureCanvasAgg(fig).draw()
+        figures.append(fig)
+        return path
+
+    monkeypatch.setattr(charts, "save_figure", keep)
+    return figures
+
+
+def pixel(fig, ax, x: float, y: float) -> tuple[int, int, int]:
+    """The RGB of the rendered figure at data point (x, y) of ``ax``."""
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    px, py = ax.transData.transform((x, y))
+    return tuple(int(v) for v in rgba[rgba.shape[0] - int(py), int(px), :3])
+
+
+def test_reliability_diagram_draws_each_bin_at_its_confidence_and_accuracy(tmp_path, drawn):
+    from vitcli.charts import save_reliability_diagram
+    from vitcli.metrics import ReliabilityBin
+
+    bins = [ReliabilityBin(b / 15, (b + 1) / 15, 0, 0.0, 0.0) for b in range(15)]
+    bins[6] = ReliabilityBin(6 / 15, 7 / 15, 10, 0.43, 0.9)  # underconfident: right 90% at 0.43
+    bins[14] = ReliabilityBin(14 / 15, 1.0, 30, 0.97, 0.2)  # overconfident
+    save_reliability_diagram(bins, tmp_path / "r.png", title="m", ece=0.5, temperature=2.0)
+    fig = drawn[0]
+    ax, hist = fig.axes[:2]
+    blue = (72, 120, 207)  # the accuracy bars' colour
+    assert pixel(fig, ax, 0.433, 0.5) == pixel(fig, ax, 0.433, 0.85) == blue  # bin 6 reaches 0.9
+    assert pixel(fig, ax, 0.433, 0.95) == (255, 255, 255)  # and stops there
+    assert pixel(fig, ax, 0.25, 0.5) == (255, 255, 255)  # empty bins draw nothing
+    assert pixel(fig, ax, 0.95, 0.1) == blue and pixel(fig, ax, 0.95, 0.3) != blue  # bin 14 stops at 0.2
+    assert sorted(t.get_text() for t in hist.texts) == ["10", "30"]  # the counts
+    assert "ECE 0.5000" in ax.get_title() and "temperature 2" in ax.get_title()
+
+
+def test_mistakes_grid_shows_each_image_in_order_with_its_caption(tmp_path, drawn):
+    from vitcli.charts import save_mistakes_grid
+    from vitcli.evaluate import Mistake
+
+    paths = []
+    for name, colour in (("red", (230, 20, 20)), ("blue", (20, 20, 230))):
+        paths.append(tmp_path / f"{name}.png")
+        Image.new("RGB", (60, 40), colour).save(paths[-1])
+    mistakes = [Mistake(str(paths[0]), "green", "red", 0.99, 0.01), Mistake(str(paths[1]), "red", "blue", 0.6, 0.3)]
+    save_mistakes_grid(mistakes, tmp_path / "m.png", title="audit")
+    fig = drawn[0]
+    first, second = fig.axes[:2]
+    assert first.get_title(loc="left").splitlines() == ["#1 red.png", "label green (0.01)", "predicted red (0.99)"]
+    assert second.get_title(loc="left").startswith("#2 blue.png")
+    assert pixel(fig, first, 30, 20)[:1] == (230,) and pixel(fig, second, 30, 20)[2] == 230  # each its own image
