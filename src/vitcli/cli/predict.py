@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -76,109 +76,53 @@ def predict(
         from vitcli.distributed import torchrun_rank
         from vitcli.inference.job import PredictJob
         from vitcli.inference.predict import PredictOptions
+        from vitcli.inference.run import is_onnx, run_predict
         from vitcli.inference.shards import Shard
 
         raw = list(inputs or [])
-        if model == DEFAULT_MODEL and raw and raw[0].endswith(".onnx"):  # `vitcli predict model.onnx img.jpg`
+        if model == DEFAULT_MODEL and raw and is_onnx(raw[0]):  # `vitcli predict model.onnx img.jpg`
             model, raw = raw[0], raw[1:]
         job = PredictJob(raw, files_from, output, shard=Shard.parse(shard) if shard else None,
                          rank=torchrun_rank())
         options = PredictOptions(top_k=top_k, batch_size=batch_size, workers=workers, device=device,
                                  precision=precision.value, tta=tta, fast_decode=not exact_decode,
                                  calibrated=not no_calibration)
-        _run(job, options, model, weights, json_out, csv_out)
-        if not job.tally.ok:
+        try:
+            tally = run_predict(job, model, weights, options, csv=csv_out,
+                                terminal=lambda job: terminal_sinks(job, json_out), loading=loading_status(job))
+        except KeyboardInterrupt:
+            raise interrupted(job) from None
+        if not tally.ok:
             raise typer.Exit(1)
 
 
-def _run(job, options, model: str, weights: Path | None, json_out: bool, csv_out: Path | None) -> None:
-    """Open the outputs, stream the records into them, close them whatever happens."""
-    import dataclasses
+def terminal_sinks(job, json_out: bool) -> list:
+    """Rank 0's terminal: one error line per failed record, the table (or JSON Lines), a progress bar."""
+    from vitcli.cli.render import ErrorLines, ProgressSink, TableSink
+    from vitcli.console import err
+    from vitcli.io.records import JsonlWriter
+
+    if job.output is not None and len(job.done):
+        err.print(f"{escape(str(job.output))}: {len(job.done)} sources already done, skipping them", highlight=False)
+    return [ErrorLines(), JsonlWriter(sys.stdout) if json_out else TableSink(), ProgressSink(job)]
+
+
+def loading_status(job):
+    """A spinner on stderr while a model loads, on rank 0 (the others stay quiet)."""
+    import contextlib
 
     from vitcli.console import err
 
-    group = None
-    if job.rank.enabled:
-        from vitcli.distributed import broadcast, init_process_group
+    def loading(name: str):
+        return err.status(f"loading {escape(name)}") if job.rank.main else contextlib.nullcontext()
 
-        job.rank, device, group = init_process_group(options.device)
-        options = dataclasses.replace(options, device=device)
-    csv_file = None
-    progress = None
-    if model.endswith(".onnx"):
-        _check_onnx_options(options, weights)
-    try:
-        job.open()
-        if job.rank.enabled:
-            job.done = broadcast(job.done, job.rank, group)
-        sinks: list[Any] = []
-        if job.rank.main:
-            from vitcli.cli.render import ErrorLines, ProgressSink, TableSink
-            from vitcli.io.records import CsvFile, JsonlWriter
-
-            progress = ProgressSink(job)  # after open(): it counts what is left to do
-            sinks.append(ErrorLines())
-            sinks.append(JsonlWriter(sys.stdout) if json_out else TableSink())
-            if csv_out is not None:
-                csv_file = CsvFile(csv_out)
-                sinks.append(csv_file)
-            if job.opened is not None:
-                sinks.append(job.opened.writer)
-                if len(job.done):
-                    err.print(f"{escape(job.output)}: {len(job.done)} sources already done, skipping them",
-                              highlight=False)
-            sinks.append(progress)
-
-        def load():
-            import contextlib
-
-            from vitcli.models.resolve import load_model
-
-            with err.status(f"loading {escape(model)}") if job.rank.main else contextlib.nullcontext():
-                return load_model(model, weights)
-
-        from vitcli.inference.job import write_records
-
-        if model.endswith(".onnx"):  # ONNX Runtime, no torch: preprocessing and labels come from the file
-            records = job.stream(lambda: _onnx_predictor(model, options), options.batch_size, group)
-        else:
-            records = job.records(load, options, group=group)
-        write_records(records, sinks, job.tally)
-    except KeyboardInterrupt:
-        if progress is not None:
-            progress.stop()
-        where = f"; rerun the same command to resume from {escape(job.output)}" if job.output else ""
-        err.print(f"[bold red]Error:[/] interrupted after {job.tally.written} records{where}", highlight=False)
-        raise typer.Exit(130) from None
-    finally:
-        if progress is not None:
-            progress.stop()
-        job.close()
-        if csv_file is not None:
-            csv_file.close()
-        if group is not None or job.rank.enabled:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    return loading
 
 
-def _onnx_predictor(path: str, options):
-    """``sources -> Prediction records`` through ONNX Runtime (``inference.onnx_engine``: NumPy + Pillow, no torch)."""
-    from vitcli.inference.onnx_engine import load_onnx, predict_onnx
+def interrupted(job) -> typer.Exit:
+    """Ctrl-C: say how far the job got and how to resume; exit 130."""
+    from vitcli.console import err
 
-    model = load_onnx(path, options.device)
-    return lambda sources: predict_onnx(model, sources, options.top_k, options.batch_size, options.tta,
-                                         options.calibrated)
-
-
-def _check_onnx_options(options, weights: Path | None) -> None:
-    """Options that mean nothing for an exported file are refused rather than ignored."""
-    from vitcli.errors import UsageError
-
-    given = [name for name, on in (("--weights", weights is not None), ("--precision", options.precision != "auto"),
-                                   ("--workers", options.workers is not None),
-                                   ("--exact-decode", not options.fast_decode)) if on]
-    if given:
-        raise UsageError(f"{', '.join(given)} do(es) not apply to an .onnx model: its weights, precision and "
-                         "preprocessing (always the exact path) are fixed by `vitcli export`; leave them out")
+    where = f"; rerun the same command to resume from {escape(str(job.output))}" if job.output else ""
+    err.print(f"[bold red]Error:[/] interrupted after {job.tally.written} records{where}", highlight=False)
+    return typer.Exit(130)

@@ -158,3 +158,5 @@ class ProgressSink:
             self.progress.stop()
             self.progress = None
 
+    close = stop  # the job closes every sink at its end
+

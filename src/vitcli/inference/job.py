@@ -17,14 +17,22 @@ from typing import TYPE_CHECKING, Any
 
 from vitcli.distributed import Rank
 from vitcli.errors import UsageError
-from vitcli.inference.predict import Prediction, PredictOptions, first_source, predict, with_input_problems
+from vitcli.inference.predict import (
+    Prediction,
+    PredictOptions,
+    failed_prediction,
+    first_source,
+    predict,
+    with_input_problems,
+)
 from vitcli.inference.shards import Item, Shard, merged_records, rank_blocks, records_by_block, shard_items
 from vitcli.io.records import DoneSources, OpenOutput, RecordSink, open_output
 
 if TYPE_CHECKING:
     from vitcli.models.resolve import LoadedModel
 
-Predictor = Callable[[Iterator[str]], Iterable[Prediction]]  # image sources -> one record each, in order
+Predictor = Callable[[Iterator[str]], Iterable[Any]]  # image sources -> one record each, in order
+Opener = Callable[[Path, bool], Any]  # (path, resume) -> an open output: .writer, .done, .close()
 
 
 @dataclass
@@ -40,8 +48,8 @@ class Tally:
         return self.failed == 0
 
 
-def write_records(records: Iterable[Prediction], sinks: Sequence[RecordSink], tally: Tally | None = None) -> Tally:
-    """Give every record to every sink as it comes (any iterator of records: torch or ONNX Runtime)."""
+def write_records(records: Iterable[Any], sinks: Sequence[RecordSink], tally: Tally | None = None) -> Tally:
+    """Give every record to every sink as it comes (predictions from any engine, or embeddings)."""
     tally = tally if tally is not None else Tally()
     for record in records:
         for sink in sinks:
@@ -84,13 +92,13 @@ class PredictJob:
             raise UsageError(f"--files-from {self.files_from} can be read only once, but --shard and torchrun "
                              "read the list twice; save the list to a file and pass --files-from FILE")
 
-    def open(self, done: DoneSources | None = None) -> None:
-        """Open ``--output`` for appending (rank 0) and learn what it holds; ``done`` from rank 0 elsewhere."""
+    def open(self, opener: Opener = open_output) -> DoneSources:
+        """Open ``--output`` for appending (rank 0 only) with ``opener`` (prediction records by default) and
+        learn the sources it holds, to be skipped; returns them (``vitcli.inference.run`` shares them)."""
         if self.output is not None and self.rank.main:
-            self.opened = open_output(self.output, self.resume)
+            self.opened = opener(self.output, self.resume)
             self.done = self.opened.done
-        elif done is not None:
-            self.done = done
+        return self.done
 
     def close(self) -> None:
         if self.opened is not None:
@@ -132,9 +140,10 @@ class PredictJob:
 
         return self.stream(make_predictor, options.batch_size, group)
 
-    def stream(self, make_predictor: Callable[[], Predictor], block: int = 32,
-               group: Any = None) -> Iterator[Prediction]:
-        """The job's records in input order, from any predictor (torch, or a torch-free ONNX Runtime one).
+    def stream(self, make_predictor: Callable[[], Predictor], block: int = 32, group: Any = None,
+               failed: Callable[[str, str], Any] = failed_prediction) -> Iterator[Any]:
+        """The job's records in input order, from any predictor (torch, a torch-free ONNX Runtime one, or
+        an embedder; ``failed(source, reason)`` makes the record of an input that names no image).
 
         ``make_predictor()`` is called once, only if some item names an image; the predictor it
         returns takes the image sources (lazily) and yields one record per source, in order. Under
@@ -147,9 +156,9 @@ class PredictJob:
             items = rank_blocks(items, self.rank, block, sizes)
         leading, rest = first_source(items)
         if rest is None:
-            records: Iterator[Prediction] = iter([Prediction(p.source, error=p.reason) for p in leading])
+            records: Iterator[Any] = iter([failed(p.source, p.reason) for p in leading])
         else:
-            records = with_input_problems(itertools.chain(leading, rest), make_predictor())
+            records = with_input_problems(itertools.chain(leading, rest), make_predictor(), failed)
         if not self.rank.enabled:
             return records
         return merged_records(records_by_block(records, sizes), self.rank, group)

@@ -131,13 +131,18 @@ def predict(loaded: LoadedModel, sources: Iterable[str], options: PredictOptions
             on_batch(done)
 
 
-def with_input_problems(items: Iterable[str | InputProblem],
-                        predict_sources: Callable[[Iterator[str]], Iterable[Prediction]]) -> Iterator[Prediction]:
+def failed_prediction(source: str, reason: str) -> Prediction:
+    """The record of an input that could not be predicted."""
+    return Prediction(source, error=reason)
+
+
+def with_input_problems(items: Iterable[str | InputProblem], predict_sources: Callable[[Iterator[str]], Iterable[Any]],
+                        failed: Callable[[str, str], Any] = failed_prediction) -> Iterator[Any]:
     """Records for a stream of sources and input problems, in their order.
 
     ``predict_sources`` gets the image sources only (lazily) and must yield one record per source in
-    order, as ``predict`` does (or a torch-free predictor); each input problem becomes a failed
-    record in its place. Nothing is held but the problems met between two records.
+    order, as ``predict`` does (or a torch-free predictor, or an embedder); each input problem becomes
+    ``failed(source, reason)`` in its place. Nothing is held but the problems met between two records.
     """
     pending: deque[tuple[int, InputProblem]] = deque()  # (sources pulled before it, problem)
     pulled = 0
@@ -154,15 +159,13 @@ def with_input_problems(items: Iterable[str | InputProblem],
     emitted = 0
     for record in predict_sources(sources()):
         while pending and pending[0][0] <= emitted:
-            yield _failed(pending.popleft()[1])
+            problem = pending.popleft()[1]
+            yield failed(problem.source, problem.reason)
         yield record
         emitted += 1
     while pending:  # the problems after the last source (read when the stream ran dry)
-        yield _failed(pending.popleft()[1])
-
-
-def _failed(problem: InputProblem) -> Prediction:
-    return Prediction(problem.source, error=problem.reason)
+        problem = pending.popleft()[1]
+        yield failed(problem.source, problem.reason)
 
 
 def first_source(items: Iterable[str | InputProblem]) -> tuple[list[InputProblem], Iterator[str | InputProblem] | None]:
