@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from vitcli import __version__
-from vitcli.cli import benchmark, calibrate, evaluate, export, finetune, patches, predict, weights
+from vitcli.cli import benchmark, calibrate, embed, evaluate, export, finetune, patches, predict, weights
 
 app = typer.Typer(
     name="vitcli",
@@ -38,6 +38,7 @@ def root(
 app.command("predict")(predict.predict)
 app.command("evaluate")(evaluate.evaluate)
 app.command("calibrate")(calibrate.calibrate)
+app.command("embed")(embed.embed)
 app.command("finetune")(finetune.finetune)
 app.command("patches")(patches.patches)
 app.command("export")(export.export)

@@ -123,8 +123,9 @@ class TableSink:
 class ProgressSink:
     """A progress bar on stderr (images/s, and the ETA once the inputs are counted) for larger jobs."""
 
-    def __init__(self, job, min_images: int = PROGRESS_MIN_ITEMS) -> None:
+    def __init__(self, job, min_images: int = PROGRESS_MIN_ITEMS, label: str = "predict") -> None:
         self.job = job
+        self.label = label
         self.min_images = min_images
         self.progress = None
         self.task = None
@@ -149,9 +150,9 @@ class ProgressSink:
         self.progress.update(self.task, completed=self.job.tally.written + 1)
 
     def _start(self) -> None:
-        self.progress = _new_progress("predict")
+        self.progress = _new_progress(self.label)
         self.progress.start()
-        self.task = self.progress.add_task("predict", total=self.total, completed=self.job.tally.written)
+        self.task = self.progress.add_task(self.label, total=self.total, completed=self.job.tally.written)
 
     def stop(self) -> None:
         if self.progress is not None:

@@ -79,53 +79,69 @@ def predict(loaded: LoadedModel, sources: Iterable[str], options: PredictOptions
         options: batch size, workers, device, precision, TTA, top-k.
         on_batch: called with the number of sources done after each batch (progress bars).
     """
+    from vitcli.calibration import model_temperature
+
+    if options.top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    top_k = min(options.top_k, loaded.num_classes)
+    temperature = model_temperature(loaded) if options.calibrated else None
+
+    def top_of(model: torch.nn.Module, x: torch.Tensor, precision_ctx: Any) -> list[tuple[list, list]]:
+        """A batch -> (top-k indices, top-k probs) per image."""
+        values, indices = forward_probs(model, x, precision_ctx, options.tta, temperature).topk(top_k, dim=1)
+        return list(zip(indices.cpu().tolist(), values.float().cpu().tolist(), strict=True))
+
+    for source, error, row in batched_outputs(loaded, sources, options, top_of, on_batch):
+        if error is None and not all(math.isfinite(p) for p in row[1]):
+            error = NOT_A_NUMBER
+        if error is not None:
+            yield Prediction(source, error=error)
+            continue
+        yield Prediction(source, top=[Label(rank + 1, idx, loaded.labels[idx], p)
+                                      for rank, (idx, p) in enumerate(zip(*row, strict=True))])
+
+
+def batched_outputs(loaded: LoadedModel, sources: Iterable[str], options: PredictOptions,
+                    forward: Callable[[torch.nn.Module, torch.Tensor, Any], list[Any]],
+                    on_batch: Callable[[int], None] | None = None) -> Iterator[tuple[str, str | None, Any]]:
+    """``(source, error, output)`` per source, in input order, batch by batch: the decoding, batching and
+    device handling that predict and embed share.
+
+    ``forward(model, x, precision_ctx)`` gets each batch of the images that loaded, normalized, on the
+    device (``x``: (B, 3, H, W)), in inference mode, and returns one output per image; an image that
+    failed to load gets its error and no output.
+    """
     import torch
 
-    from vitcli.calibration import model_temperature
     from vitcli.devices import autocast, resolve_device, resolve_precision
     from vitcli.inference.batching import SourceImages, collate_images, scored_key_batches
     from vitcli.io.preprocess import draft_size_for
     from vitcli.io.transforms import eval_pipeline
 
-    if options.top_k < 1:
-        raise UsageError("--top-k must be at least 1")
     if options.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)  # auto -> what runs; checked for the device
     model = loaded.model.to(device).eval()
-    temperature = model_temperature(loaded) if options.calibrated else None
-    top_k = min(options.top_k, loaded.num_classes)
     draft = draft_size_for(loaded.data_config) if options.fast_decode else None
     pipeline = eval_pipeline(loaded.data_config, fast=options.fast_decode)
     images = SourceImages(pipeline.per_image, draft, pipeline.load)
 
-    def top_of(batch: tuple[torch.Tensor | None, list]) -> tuple[list, list, list]:
-        """(uint8 images, errors) -> (top-k indices, top-k probs, errors); runs in stream threads."""
+    def run(batch: tuple[torch.Tensor | None, list]) -> tuple[list, list]:
+        """(uint8 images, errors) -> (outputs of the good images, errors); runs in stream threads."""
         pixels, errors = batch
         if pixels is None:
-            return [], [], errors
+            return [], errors
         with torch.inference_mode():  # per thread, like autocast: a fresh context for every batch
             x = pipeline.to_batch(pixels.to(device, non_blocking=True))  # uint8 travels, then normalize
-            probs = forward_probs(model, x, autocast(device, precision), options.tta, temperature)
-            values, indices = probs.topk(top_k, dim=1)
-        return indices.cpu().tolist(), values.float().cpu().tolist(), errors
+            return forward(model, x, autocast(device, precision)), errors
 
     done = 0
-    for batch, (indices, values, errors) in scored_key_batches(images, sources, options.batch_size, collate_images,
-                                                               top_of, device, options.workers):
-        row = 0
+    for batch, (outputs, errors) in scored_key_batches(images, sources, options.batch_size, collate_images, run,
+                                                       device, options.workers):
+        good = iter(outputs)
         for source, error in zip(batch, errors, strict=True):
-            if error is None and not all(math.isfinite(p) for p in values[row]):
-                error, row = NOT_A_NUMBER, row + 1
-            if error is not None:
-                yield Prediction(source, error=error)
-                continue
-            yield Prediction(source, top=[
-                Label(rank + 1, idx, loaded.labels[idx], p)
-                for rank, (idx, p) in enumerate(zip(indices[row], values[row], strict=True))
-            ])
-            row += 1
+            yield source, error, None if error is not None else next(good)
         done += len(batch)
         if on_batch is not None:
             on_batch(done)
