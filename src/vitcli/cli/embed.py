@@ -64,10 +64,11 @@ def embed(
         import contextlib
         import tempfile
 
+        from vitcli.distributed import torchrun_rank
         from vitcli.inference.embed import run_embed
         from vitcli.inference.job import PredictJob
         from vitcli.inference.predict import PredictOptions
-        from vitcli.inference.shards import Shard, torchrun_rank
+        from vitcli.inference.shards import Shard
 
         if output is None and near_duplicates is None:
             from vitcli.errors import UsageError

@@ -14,7 +14,6 @@ count. No torch.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -24,8 +23,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from vitcli.errors import UsageError, VitcliError
-from vitcli.io.fileio import atomic_open
+from vitcli.errors import UsageError
+from vitcli.io.fileio import atomic_open, lock_for_writing
 from vitcli.io.records import DoneSources
 
 SUFFIXES = (".npy", ".jsonl")
@@ -63,16 +62,6 @@ def same_model(a: str, b: str) -> bool:
     if a == b:
         return True
     return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
-
-
-def lock_exclusively(stream: IO, path: Path) -> None:
-    """Hold an exclusive lock on ``stream`` while it is open: a second writer fails at once (exit 1)."""
-    try:
-        fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        stream.close()
-        raise VitcliError(f"{path} is being written by another process; wait for it to finish or give "
-                          "another --output") from None
 
 
 def refuse_other_model(found: str | None, model: str, path: Path) -> None:
@@ -181,25 +170,33 @@ def open_npy(path: Path, resume: bool, model: str, normalized: bool) -> OpenEmbe
     if existing:
         refuse_other_model(read_meta(path).get("model"), model, path)
     stream = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o666), "r+b")  # truncated only once locked
-    lock_exclusively(stream, path)
-    rows, dim = 0, None
+    try:
+        lock_for_writing(stream, path)
+        rows, dim = _resumed_npy(stream, path, sources) if existing else (0, None)
+    except BaseException:
+        stream.close()
+        raise
     if not existing:
         stream.truncate(0)
-    if existing:
-        rows, dim = read_npy_shape(stream, path)
-        lines = whole_lines(sources) if sources.is_file() else 0
-        rows = min(rows, lines)  # a run killed between the row and its source line: both cut to match
-        stream.truncate(HEADER_BYTES + 4 * dim * rows)
-        stream.seek(0)
-        stream.write(npy_header(rows, dim))
-        stream.flush()
-        if sources.is_file():
-            cut_lines(sources, rows)
     with atomic_open(meta_path(path)) as f:
         json.dump({"model": model, "normalized": normalized, "sources": sources.name}, f)
     done = DoneSources(read_sources(sources)) if existing and sources.is_file() else DoneSources()
     text = sources.open("a" if existing else "w", encoding="utf-8", errors="surrogateescape", newline="\n")
     return OpenEmbeddings(path, NpyWriter(path, stream, text, rows, dim), done)
+
+
+def _resumed_npy(stream: IO[bytes], path: Path, sources: Path) -> tuple[int, int]:
+    """Cut a .npy and its sources file to the rows both hold whole; (rows, dim)."""
+    rows, dim = read_npy_shape(stream, path)
+    lines = whole_lines(sources) if sources.is_file() else 0
+    rows = min(rows, lines)  # a run killed between the row and its source line: both cut to match
+    stream.truncate(HEADER_BYTES + 4 * dim * rows)
+    stream.seek(0)
+    stream.write(npy_header(rows, dim))
+    stream.flush()
+    if sources.is_file():
+        cut_lines(sources, rows)
+    return rows, dim
 
 
 # --------------------------------------------------------------------------------------- .jsonl
@@ -229,18 +226,22 @@ class JsonlEmbeddings:
 def open_jsonl(path: Path, resume: bool, model: str) -> OpenEmbeddings:
     existing = resume and path.is_file() and path.stat().st_size > 0
     stream = path.open("a", encoding="utf-8")  # truncated only once locked
-    lock_exclusively(stream, path)
     dim, sources = None, []
-    if not existing:
-        stream.truncate(0)
-    else:
-        whole_lines(path)
-        stream.seek(0, os.SEEK_END)
-        for n, record in enumerate(read_jsonl(path), 1):
-            if n == 1:
-                refuse_other_model(record.get("model"), model, path)
-                dim = len(record["embedding"])
-            sources.append(record["source"])
+    try:
+        lock_for_writing(stream, path)
+        if not existing:
+            stream.truncate(0)
+        else:
+            whole_lines(path)
+            stream.seek(0, os.SEEK_END)
+            for n, record in enumerate(read_jsonl(path), 1):
+                if n == 1:
+                    refuse_other_model(record.get("model"), model, path)
+                    dim = len(record["embedding"])
+                sources.append(record["source"])
+    except BaseException:
+        stream.close()
+        raise
     return OpenEmbeddings(path, JsonlEmbeddings(path, stream, model, dim), DoneSources(sources))
 
 
