@@ -88,3 +88,48 @@ def test_imbalance_is_reported_and_can_be_balanced(tmp_path, tiny_model_dir):
     model = timm.create_model("test_vit", num_classes=2)
     parts = build_parts(FinetuneConfig(balance="loss"), model, [16, 4], 5, torch.device("cpu"), "fp32", Rank())
     assert parts.loss_fn.weight.tolist() == [20 / 32, 20 / 8]  # inverse frequency, mean 1
+
+
+def test_the_leak_check_names_a_validation_photo_that_duplicates_a_training_one(tmp_path):
+    """With the shipped model on real photos: the planted copy is found, nothing else."""
+    import shutil
+
+    from conftest import REPO
+    from vitcli.finetune.data import leak_warnings
+    from vitcli.models.resolve import load_model
+
+    photos = {name: str(REPO / "examples" / f"{name}.jpg")
+              for name in ("corgi", "german_shepherd", "grace_hopper", "samoyed")}
+    leaked = tmp_path / "val" / "people" / "leaked.jpg"
+    leaked.parent.mkdir(parents=True)
+    shutil.copy(photos["grace_hopper"], leaked)
+    data = FolderData(["dogs", "people"], train=[(photos["corgi"], 0), (photos["german_shepherd"], 0),
+                                                 (photos["grace_hopper"], 1)],
+                      val=[(photos["samoyed"], 0), (str(leaked), 1)], layout="train/val", root=str(tmp_path))
+    loaded = load_model("deit_tiny_patch16_224")
+    checked = FinetuneConfig(data=str(tmp_path), batch_size=2, workers=0)
+
+    warnings = leak_warnings(checked, data, loaded, loaded.data_config, torch.device("cpu"), Rank())
+    off = leak_warnings(FinetuneConfig(data=str(tmp_path), leak_check=False), data, loaded, loaded.data_config,
+                        torch.device("cpu"), Rank())
+
+    assert len(warnings) == 1 and off == []
+    assert warnings[0].startswith("1 train/val pair(s) look like the same photo (cosine >= 0.95")
+    assert f"e.g. {photos['grace_hopper']} and {leaked} (cosine 1.000)" in warnings[0]
+
+
+def test_fit_warns_about_train_val_duplicates_before_training_unless_told_not_to(tmp_path, tiny_model_dir):
+    import shutil
+
+    root = tmp_path / "data"
+    class_folders(root / "train", {"ants": 4, "bees": 4})
+    class_folders(root / "val", {"ants": 2, "bees": 2}, seed=50)
+    shutil.copy(root / "train" / "ants" / "0.png", root / "val" / "ants" / "copy.png")
+    checked, unchecked = Recorder(), Recorder()
+
+    fit(config(tmp_path, root, tiny_model_dir, max_steps=1), checked)
+    fit(config(tmp_path, root, tiny_model_dir, max_steps=1, leak_check=False), unchecked)
+
+    leak = [w for w in checked.first("start")["warnings"] if "train/val pair(s)" in w]
+    assert len(leak) == 1 and "--no-leak-check" in leak[0]
+    assert not any("train/val pair(s)" in w for w in unchecked.first("start")["warnings"])

@@ -105,6 +105,10 @@ def finetune(
         "--mixup", min=0.0, help="Mixup alpha (e.g. 0.8; 0: off).", show_default=shown("mixup"))] = None,
     cutmix: Annotated[float | None, typer.Option(
         "--cutmix", min=0.0, help="CutMix alpha (e.g. 1.0; 0: off).", show_default=shown("cutmix"))] = None,
+    leak_check: Annotated[bool | None, typer.Option(
+        "--leak-check/--no-leak-check", help="Before training, embed both splits with the model and warn about "
+                                             "validation images that nearly duplicate training ones (cosine >= 0.95).",
+        show_default=shown("leak_check"))] = None,
     ema: Annotated[bool | None, typer.Option(
         "--ema/--no-ema", help="Evaluate and save an exponential moving average of the weights.",
         show_default=shown("ema"))] = None,

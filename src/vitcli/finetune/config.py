@@ -24,7 +24,7 @@ BALANCE_MODES = ("none", "sampler", "loss")  # class imbalance: off, class-balan
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Options that may change when a run is resumed; anything else must match the saved args.json.
-RESUMABLE_OPTIONS = ("epochs", "max_steps", "patience", "workers", "device")
+RESUMABLE_OPTIONS = ("epochs", "max_steps", "patience", "workers", "device", "leak_check")
 STATE_FILE = "state.pt"  # training state for --resume, in the run folder
 ARGS_FILE = "args.json"
 RUN_OPTIONS = ("resume", "project", "name", "exist_ok")  # where a run goes, not how it trains
@@ -87,6 +87,7 @@ class FinetuneConfig:
     name: str | None = None  # run folder name (default exp, exp2, exp3, ...)
     exist_ok: bool = False  # reuse runs/finetune/NAME (the previous run's files in it are removed)
     resume: str | None = None  # a run folder to continue (see resume_config)
+    leak_check: bool = True  # warn about train/val near-duplicates (cosine >= 0.95) before training
 
 
 def default(name: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -83,3 +84,50 @@ def make_loaders(config: FinetuneConfig, data: FolderData, data_config: dict[str
                                       batch_size=config.batch_size, sampler=val_sampler,
                                       generator=torch.Generator(), **common)
     return train, val, sampler
+
+
+LEAK_THRESHOLD = 0.95  # cosine of the pre-logits features above which two photos are taken for one
+
+
+def leak_warnings(config: FinetuneConfig, data: FolderData, loaded: Any, data_config: dict[str, Any],
+                  device: torch.device, dist: Rank) -> list[str]:
+    """One warning if a validation image nearly duplicates a training one (``vitcli embed TRAIN VAL
+    --near-duplicates 0.95``), embedded with the model about to be fine-tuned, before training.
+
+    Every rank embeds its slice of the images in batches (``inference.embed``); the vectors are gathered
+    (``on_every_rank``: a failure on one rank stops all) and every rank finds the pairs in tiles.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from vitcli.inference.embed import embed, near_duplicates
+    from vitcli.inference.predict import PredictOptions
+
+    if not config.leak_check or not data.train or not data.val:
+        return []
+    samples = [path for path, _ in data.train + data.val]
+    options = PredictOptions(batch_size=config.batch_size, workers=config.workers, device=str(device),
+                             precision="auto" if config.precision == "auto" else "fp32", fast_decode=False)
+    model = dataclasses.replace(loaded, data_config=data_config)  # the size the model was built at
+    mine = list(range(dist.rank, len(samples), dist.world))
+
+    def vectors() -> list[tuple[int, np.ndarray]]:
+        return [(i, r.vector) for i, r in zip(mine, embed(model, (samples[i] for i in mine), options), strict=True)
+                if r.ok]
+
+    rows = [row for part in on_every_rank(vectors, dist) for row in part]
+    if not rows:
+        return []
+    index = np.array([i for i, _ in rows])
+    matrix = np.stack([v for _, v in rows])
+    groups = (index >= len(data.train)).astype(np.int8)  # 0: train, 1: val
+    pairs = list(itertools.islice(near_duplicates(matrix, LEAK_THRESHOLD, groups), 1000))
+    if not pairs:
+        return []
+    a, b = samples[index[pairs[0].a]], samples[index[pairs[0].b]]
+    more = "at least 1000" if len(pairs) == 1000 else str(len(pairs))
+    return [f"{more} train/val pair(s) look like the same photo (cosine >= {LEAK_THRESHOLD} with {config.model}), "
+            f"e.g. {a} and {b} (cosine {pairs[0].cosine:.3f}); validation scores will flatter the model. "
+            f"List them with `vitcli embed TRAIN VAL --near-duplicates {LEAK_THRESHOLD}` and remove them from "
+            "one split (--no-leak-check: no check)"]

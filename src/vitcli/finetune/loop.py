@@ -38,7 +38,7 @@ from vitcli.distributed import (
 from vitcli.errors import NonFiniteLossError
 from vitcli.finetune import rundir
 from vitcli.finetune.config import STATE_FILE, FinetuneConfig, absolute_paths, check_config
-from vitcli.finetune.data import check_files_exist, data_warnings, make_loaders, prepare_data
+from vitcli.finetune.data import check_files_exist, data_warnings, leak_warnings, make_loaders, prepare_data
 from vitcli.finetune.model import build_model, classifier_heads, model_data_config
 from vitcli.finetune.parts import TrainParts, build_parts
 from vitcli.finetune.progress import Progress, RunResult
@@ -225,6 +225,7 @@ def _fit(config: FinetuneConfig, callback: Callback | None, dist: Rank, device: 
     loaded = build_model(config, classes)
     model = loaded.model.to(device)
     data_config = model_data_config(model, config.img_size)
+    leaks = [] if resuming else leak_warnings(config, data, loaded, data_config, device, dist)
     train_loader, val_loader, sampler = make_loaders(config, data, data_config, device, dist)
     num_batches = len(train_loader)
     steps_per_epoch = math.ceil(num_batches / config.accum_steps)
@@ -265,7 +266,7 @@ def _fit(config: FinetuneConfig, callback: Callback | None, dist: Rank, device: 
     with stop_on_signals() as stop:
         emit("start", {
             "run_dir": run_dir, "classes": classes, "train_counts": counts, "val_counts": data.counts("val"),
-            "layout": data.layout, "skipped": data.skipped, "warnings": data_warnings(data, config)
+            "layout": data.layout, "skipped": data.skipped, "warnings": data_warnings(data, config) + leaks
             + [f"removed what a run killed while saving left: {', '.join(leftovers)}"] * bool(leftovers),
             "model": config.model, "arch": loaded.arch, "source": loaded.source,
             "input_size": data_config["input_size"], "device": str(device), "precision": precision,
