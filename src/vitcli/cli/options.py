@@ -61,7 +61,7 @@ WorkersOpt = Annotated[int | None, typer.Option(
     "--workers", "-j", min=0,
     help="On CPU: streams that each decode a batch and run the model on their share of the cores "
          "(default: torch's thread count). On a GPU: DataLoader processes that decode ahead of it "
-         "(default: CPU cores, at most 4). 0: decode inline.",
+         "(default: usable CPUs shared by the ranks on this machine, at most 4). 0: decode inline.",
 )]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")]
 NoCalibrationOpt = Annotated[bool, typer.Option(
