@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from vitcli.cli._errors import handled_errors
-from vitcli.cli._options import (
+from vitcli.cli.errors import handled_errors
+from vitcli.cli.options import (
     DEFAULT_MODEL,
     BatchSizeOpt,
     DeviceOpt,
@@ -19,7 +19,7 @@ from vitcli.cli._options import (
     WeightsOpt,
     WorkersOpt,
 )
-from vitcli.cli._render import escape
+from vitcli.cli.render import escape
 
 
 def embed(
@@ -94,7 +94,7 @@ def embed(
 
 
 def _terminal(job) -> list:
-    from vitcli.cli._render import ErrorLines, ProgressSink
+    from vitcli.cli.render import ErrorLines, ProgressSink
     from vitcli.console import err
 
     if len(job.done):
