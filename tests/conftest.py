@@ -54,11 +54,23 @@ def images(tmp_path) -> list[Path]:
     return [make_image(tmp_path / "imgs" / f"img{i}.{ext}", seed=i) for i, ext in enumerate(["jpg", "png", "jpg"])]
 
 
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    """One compiled-model cache for the whole session: each tiny model is converted to OpenVINO once."""
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_store(tmp_path, monkeypatch):
-    """Every test sees an empty weights store and no hub, unless it sets its own."""
+def _isolated_store(tmp_path, monkeypatch, session_cache):
+    """Every test sees an empty weights store, no hub and the session's cache (never the user's).
+
+    Tests run torch unless they ask for another --backend: converting every tiny model a test
+    builds to OpenVINO would cost seconds each (the engine's own tests pass --backend auto/openvino).
+    """
     monkeypatch.setenv("VITCLI_WEIGHTS", str(tmp_path / "store"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(session_cache))
+    monkeypatch.setenv("VITCLI_BACKEND", "torch")
 
 
 @pytest.fixture

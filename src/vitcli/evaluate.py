@@ -142,6 +142,7 @@ def evaluate_model(
     temperature: float | None = None,
     mistakes: int = MISTAKES,
     keep_logits: bool = False,
+    engine: Callable[[Any], Any] | None = None,
 ) -> EvalResult:
     """Score ``loaded`` on a folder-per-class split.
 
@@ -161,6 +162,8 @@ def evaluate_model(
         temperature: divides the logits for the probabilities (NLL, ECE, mistakes); None: plain softmax.
         mistakes: how many of the most confident mistakes to keep.
         keep_logits: also keep every image's fp32 logits and target (``result.logits``/``result.targets``).
+        engine: another engine for the forward pass, float32 NumPy (B, 3, H, W) -> logits (B, C) (an
+            OpenVINO model from ``inference.backend.choose_engine``); None runs ``loaded.model``.
     """
     from vitcli.io.datasets import drop_unreadable
 
@@ -178,7 +181,7 @@ def evaluate_model(
 
     def score_mine() -> _Share:
         return _score(loaded, mine, batch_size, workers, torch_device, precision, temperature, mistakes,
-                      keep_logits, on_batch if dist.main else None)
+                      keep_logits, on_batch if dist.main else None, engine)
 
     shares = on_every_rank(score_mine, dist)  # a failure on any rank stops every rank with it
     sums, skipped, worst = shares[0].sums, [], []
@@ -214,7 +217,7 @@ def evaluate_model(
 
 def _score(loaded: LoadedModel, mine: list[Sample], batch_size: int, workers: int | None, device: torch.device,
            precision: str, temperature: float | None, n_mistakes: int, keep_logits: bool,
-           on_batch: Callable[[int, int], None] | None) -> _Share:
+           on_batch: Callable[[int, int], None] | None, engine: Callable[[Any], Any] | None = None) -> _Share:
     """This rank's share, scored: counts, unreadable files, its most confident mistakes."""
     from vitcli.inference.batching import ImageSourceDataset, collate_images, scored_key_batches
     from vitcli.io.transforms import eval_transform
@@ -227,6 +230,8 @@ def _score(loaded: LoadedModel, mine: list[Sample], batch_size: int, workers: in
         images, errors = batch  # runs in stream threads
         if images is None:
             return None, errors
+        if engine is not None:  # a torch-free engine (OpenVINO): NumPy in, NumPy logits out
+            return torch.from_numpy(engine(images.float().numpy())), errors
         with torch.inference_mode(), autocast(device, precision):  # per call: a fresh context per thread
             logits = model(images.to(device, non_blocking=True))  # (B, num_classes)
         return logits.float().cpu(), errors
@@ -281,35 +286,44 @@ class EvalRequest:
     strict: bool = False
     calibrated: bool = True  # apply the model's stored temperature (False: plain softmax)
     mistakes: int = MISTAKES
+    backend: str | None = None  # inference.backend: auto (OpenVINO on CPUs where it agrees), torch, openvino
 
 
 def run_evaluate(request: EvalRequest, on_loaded: Callable[[LoadedModel], None] | None = None,
-                 on_batch: Callable[[int, int], None] | None = None) -> tuple[LoadedModel, EvalResult]:
+                 on_batch: Callable[[int, int], None] | None = None,
+                 say: Callable[[str], None] | None = None) -> tuple[LoadedModel, EvalResult]:
     """Load the model and score it, under torchrun too: this process joins the group, and the load
     and the scoring go through ``on_every_rank``, so no rank waits for one that failed.
 
-    ``on_loaded`` and ``on_batch`` are called on rank 0 only. Every rank returns the whole result.
+    ``on_loaded``, ``on_batch`` and ``say`` (the line saying which engine runs) are called on rank 0
+    only. Every rank returns the whole result.
     """
     from vitcli.calibration import model_temperature
+    from vitcli.inference.backend import choose_engine
     from vitcli.models.resolve import load_model
 
     dist, device = init_distributed(request.device)
     try:
-        box: list[tuple[LoadedModel, float | None]] = []
+        box: list[tuple[LoadedModel, float | None, Any]] = []
 
         def load() -> None:  # the model stays on this rank: nothing large travels between ranks
             loaded = load_model(request.model, request.weights)
-            box.append((loaded, model_temperature(loaded)))
+            choice = choose_engine(request.model, request.weights, lambda: loaded, request.backend, str(device),
+                                   request.precision)
+            box.append((loaded, model_temperature(loaded), choice))
 
         on_every_rank(load, dist)
-        loaded, temperature = box[0]
+        loaded, temperature, choice = box[0]
         if on_loaded is not None and dist.main:
             on_loaded(loaded)
+        if say is not None and choice.line and dist.main:
+            say(choice.line)
         result = evaluate_model(
             loaded, request.data, split=request.split, batch_size=request.batch_size, workers=request.workers,
             device=str(device), precision=request.precision, strict=request.strict,
             on_batch=on_batch if dist.main else None, dist=dist,
-            temperature=temperature if request.calibrated else None, mistakes=request.mistakes)
+            temperature=temperature if request.calibrated else None, mistakes=request.mistakes,
+            engine=choice.openvino.logits if choice.openvino is not None else None)
         return loaded, result
     finally:
         close_distributed(dist)

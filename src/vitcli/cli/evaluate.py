@@ -12,6 +12,7 @@ import typer
 from vitcli.cli.errors import handled_errors
 from vitcli.cli.options import (
     DEFAULT_MODEL,
+    BackendOpt,
     BatchSizeOpt,
     DeviceOpt,
     NoCalibrationOpt,
@@ -58,6 +59,7 @@ def evaluate(
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
+    backend: BackendOpt = None,
     strict: Annotated[bool, typer.Option(
         "--strict", help="Stop before evaluating if any image is unreadable (default: skip it).")] = False,
 ) -> None:
@@ -96,7 +98,8 @@ def evaluate(
         from vitcli.evaluate import EvalRequest, run_evaluate
 
         request = EvalRequest(data, model, str(weights) if weights else None, split, batch_size, workers,
-                              device, precision.value, strict, not no_calibration, mistakes)
+                              device, precision.value, strict, not no_calibration, mistakes,
+                              backend.value if backend else None)
         main = torchrun_rank().main
         status = err.status(f"loading {escape(model)}") if main else contextlib.nullcontext()
         status.__enter__()
@@ -108,7 +111,8 @@ def evaluate(
 
         try:
             with progress_bar("evaluate") if main else contextlib.nullcontext(None) as on_batch:
-                loaded, result = run_evaluate(request, loaded_now, on_batch)
+                loaded, result = run_evaluate(request, loaded_now, on_batch,
+                                              lambda line: err.print(escape(line), highlight=False))
         finally:
             status.__exit__(None, None, None)
         if main:

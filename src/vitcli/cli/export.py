@@ -1,4 +1,4 @@
-"""`vitcli export`: ONNX / TorchScript / torch.export / timm-folder files, verified against PyTorch."""
+"""`vitcli export`: ONNX / OpenVINO / TorchScript / torch.export / timm-folder files, verified against PyTorch."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from vitcli.cli.render import escape
 
 class Format(str, Enum):
     onnx = "onnx"
+    openvino = "openvino"
     torchscript = "torchscript"
     pt2 = "pt2"
     timm = "timm"
@@ -33,22 +34,27 @@ def export(
     model: ModelOpt = DEFAULT_MODEL,
     weights: WeightsOpt = None,
     formats: Annotated[list[Format] | None, typer.Option(
-        "--format", "-f", help="onnx (default), torchscript, pt2 (torch.export) or timm (hub-layout folder); "
+        "--format", "-f", help="onnx (default), openvino (IR: .xml + .bin), torchscript, pt2 (torch.export) or timm "
+                               "(hub-layout folder); "
                                "repeat for several.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Output stem: each format adds its suffix (.onnx, .int8.onnx, .torchscript.pt, "
-                               ".pt2, -timm/). Default: exported/MODEL_NAME.", show_default=False)] = None,
+        "--output", "-o", help="Output stem: each format adds its suffix (.onnx, .int8.onnx, .xml, .int8.xml, "
+                               ".torchscript.pt, .pt2, -timm/). Default: exported/MODEL_NAME.",
+        show_default=False)] = None,
     precision: Annotated[ExportPrecision, typer.Option(
         "--precision", help="fp32, or fp16 weights and input (for GPU runtimes).")] = ExportPrecision.fp32,
     quantize: Annotated[Quantize | None, typer.Option(
-        "--quantize", help="Also write an int8 ONNX file (ONNX Runtime dynamic quantization, per-channel "
-                           "weights).", show_default=False)] = None,
+        "--quantize", help="Also write an int8 file: for onnx, ONNX Runtime dynamic quantization (per-channel "
+                           "weights); for openvino, NNCF static quantization calibrated on --calibration.",
+        show_default=False)] = None,
     int8_target: Annotated[float | None, typer.Option(
         "--int8-target", min=0.0, max=1.0,
         help="Accuracy-aware int8: keep the MatMuls that hurt most in fp32 until top-1 agreement with fp32 on "
-             "--calibration images reaches this fraction (e.g. 0.98).", show_default=False)] = None,
+             "--calibration images reaches this fraction (e.g. 0.98); for openvino, NNCF's accuracy control.",
+        show_default=False)] = None,
     calibration: Annotated[list[str] | None, typer.Option(
-        "--calibration", help="Images (folder, files, glob) for --int8-target; never the verification images.",
+        "--calibration", help="Images (folder, files, glob) for --int8-target and OpenVINO int8; never the "
+                              "verification images.",
         show_default=False)] = None,
     verify_images: Annotated[list[str] | None, typer.Option(
         "--verify-images",
@@ -73,7 +79,8 @@ def export(
     Example: vitcli export -m runs/finetune/exp -f onnx -f timm --quantize int8 --verify-images val/
 
     Labels, input size, mean/std, interpolation and crop settings travel inside each file (ONNX
-    metadata_props as JSON, an extra file vitcli.json inside .pt/.pt2) and in a .json beside it.
+    metadata_props and OpenVINO rt_info as JSON, an extra file vitcli.json inside .pt/.pt2) and in
+    a .json beside it.
     Exit code 1 if a check fails (the files stay written).
     """
     with handled_errors():

@@ -27,6 +27,13 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class Backend(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    openvino = "openvino"
+    onnxruntime = "onnxruntime"
+
+
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m",
     help="The shipped DeiT-Tiny by default (offline). A timm name[.tag] (weights from the Hugging Face Hub, "
@@ -68,3 +75,9 @@ NoCalibrationOpt = Annotated[bool, typer.Option(
     "--no-calibration",
     help="Show the plain softmax even if the model has a stored temperature (vitcli finetune and "
          "vitcli calibrate store one; it changes the probabilities, never the top-1).")]
+BackendOpt = Annotated[Backend | None, typer.Option(
+    "--backend",
+    help="The engine: auto runs the model through OpenVINO on CPUs when it converts and agrees with torch fp32 "
+         "(built once into the user's cache), else torch; torch; openvino; onnxruntime (exported .onnx files). "
+         "Default: $VITCLI_BACKEND, else auto.", show_default=False,
+)]

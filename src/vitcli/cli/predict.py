@@ -11,6 +11,7 @@ import typer
 from vitcli.cli.errors import handled_errors
 from vitcli.cli.options import (
     DEFAULT_MODEL,
+    BackendOpt,
     BatchSizeOpt,
     DeviceOpt,
     JsonOpt,
@@ -50,6 +51,7 @@ def predict(
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
+    backend: BackendOpt = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average with the horizontally flipped image.")] = False,
     exact_decode: Annotated[bool, typer.Option(
         "--exact-decode", help="Decode JPEGs at full size (slower; by default libjpeg downscales large "
@@ -60,8 +62,12 @@ def predict(
 
     Example: vitcli predict photos/ cat.jpg --top-k 3 --output predictions.jsonl
 
-    An exported .onnx file (`vitcli export`), as --model or as the first argument, runs on ONNX
-    Runtime without torch: vitcli predict model.onnx cat.jpg
+    An exported .onnx or OpenVINO .xml file (`vitcli export`), as --model or as the first argument,
+    runs on ONNX Runtime or OpenVINO without torch: vitcli predict model.xml cat.jpg
+
+    On a CPU the model runs through OpenVINO when it converts and agrees with torch fp32 (built
+    once into the user's cache, $XDG_CACHE_HOME/vitcli), else torch; one line on stderr says which
+    (--backend picks one; docs/engines.md).
 
     --json prints JSON Lines: one object per image, {"source", "predictions": [{"rank", "index",
     "label", "prob"}], "error"}, in input order. An input that names no image (a missing file, an
@@ -76,11 +82,11 @@ def predict(
         from vitcli.distributed import torchrun_rank
         from vitcli.inference.job import PredictJob
         from vitcli.inference.predict import PredictOptions
-        from vitcli.inference.run import is_onnx, run_predict
+        from vitcli.inference.run import is_exported, run_predict
         from vitcli.inference.shards import Shard
 
         raw = list(inputs or [])
-        if model == DEFAULT_MODEL and raw and is_onnx(raw[0]):  # `vitcli predict model.onnx img.jpg`
+        if model == DEFAULT_MODEL and raw and is_exported(raw[0]):  # `vitcli predict model.xml img.jpg`
             model, raw = raw[0], raw[1:]
         job = PredictJob(raw, files_from, output, shard=Shard.parse(shard) if shard else None,
                          rank=torchrun_rank())
@@ -89,7 +95,8 @@ def predict(
                                  calibrated=not no_calibration)
         try:
             tally = run_predict(job, model, weights, options, csv=csv_out,
-                                terminal=lambda job: terminal_sinks(job, json_out), loading=loading_status(job))
+                                terminal=lambda job: terminal_sinks(job, json_out), loading=loading_status(job),
+                                backend=backend.value if backend else None, say=engine_line(job))
         except KeyboardInterrupt:
             raise interrupted(job) from None
         if not tally.ok:
@@ -117,6 +124,17 @@ def loading_status(job):
         return err.status(f"loading {escape(name)}") if job.rank.main else contextlib.nullcontext()
 
     return loading
+
+
+def engine_line(job):
+    """The one line saying which engine runs (``inference.backend``), on rank 0."""
+    from vitcli.console import err
+
+    def say(line: str) -> None:
+        if job.rank.main:
+            err.print(escape(line), highlight=False)
+
+    return say
 
 
 def interrupted(job) -> typer.Exit:

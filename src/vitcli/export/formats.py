@@ -23,7 +23,7 @@ from vitcli.export.options import ExportOptions
 from vitcli.io.preprocess import DATA_KEYS
 from vitcli.models.folders import save_model_folder
 
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2", "timm": "-timm"}
+SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".torchscript.pt", "pt2": ".pt2", "timm": "-timm"}
 METADATA_FILE = "vitcli.json"  # inside .pt/.pt2 archives, and the name of the timm folder's copy
 MAX_BATCH = 4096
 
@@ -126,8 +126,16 @@ def export_timm(model: torch.nn.Module, example: torch.Tensor, path: Path, meta:
     return path
 
 
+def export_openvino(model: torch.nn.Module, example: torch.Tensor, path: Path, meta: dict,
+                    options: ExportOptions) -> Path:
+    from vitcli.export.openvino import export_openvino
+
+    return export_openvino(model, example, path, meta, options)
+
+
 EXPORTERS: dict[str, Callable[[torch.nn.Module, torch.Tensor, Path, dict, ExportOptions], Path]] = {
-    "onnx": export_onnx, "torchscript": export_torchscript, "pt2": export_pt2, "timm": export_timm,
+    "onnx": export_onnx, "openvino": export_openvino, "torchscript": export_torchscript, "pt2": export_pt2,
+    "timm": export_timm,
 }
 
 
@@ -137,6 +145,10 @@ def load_exported(fmt: str, path: Path) -> Callable[[np.ndarray], np.ndarray]:
         from vitcli.inference.onnx_engine import load_onnx
 
         return load_onnx(path, device="cpu").logits
+    if fmt == "openvino":  # fp32 inference precision: the file is verified, not the CPU's bf16 units
+        from vitcli.inference.openvino_engine import load_openvino
+
+        return load_openvino(path, "fp32").logits
     if fmt == "torchscript":
         with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export
             warnings.simplefilter("ignore", FutureWarning)
@@ -172,6 +184,11 @@ def read_metadata(fmt: str, path: Path) -> dict[str, Any]:
 
         proto = onnx.load(str(path), load_external_data=False)
         return parse_metadata({p.key: p.value for p in proto.metadata_props})
+    if fmt == "openvino":
+        from vitcli.inference.openvino_engine import import_openvino
+        from vitcli.inference.openvino_engine import read_metadata as read_rt_info
+
+        return read_rt_info(import_openvino().Core().read_model(str(path)))
     if fmt == "torchscript":
         extra = {METADATA_FILE: ""}
         with warnings.catch_warnings():

@@ -29,7 +29,6 @@ from vitcli.export.formats import (
     load_exported,
     patch_size,
     quiet_exporters,
-    write_onnx,
 )
 from vitcli.export.options import FORMATS, OPSET, TOLERANCES, ExportOptions
 from vitcli.inference.onnx_engine import import_onnxruntime
@@ -165,8 +164,8 @@ def check_options(options: ExportOptions) -> None:
         raise UsageError(f"unknown --precision '{options.precision}' for export; use fp32 or fp16")
     if options.quantize not in (None, "int8"):
         raise UsageError(f"unknown --quantize '{options.quantize}'; use int8")
-    if options.quantize and "onnx" not in options.formats:
-        raise UsageError("--quantize int8 quantizes the ONNX file; add --format onnx")
+    if options.quantize and not {"onnx", "openvino"} & set(options.formats):
+        raise UsageError("--quantize int8 quantizes the ONNX or OpenVINO file; add --format onnx or openvino")
     if options.quantize and options.precision != "fp32":
         raise UsageError("--quantize int8 starts from the fp32 model; drop --precision fp16")
     if options.int8_target is not None:
@@ -196,13 +195,17 @@ def export_model(name: str, weights: str | Path | None = None, options: ExportOp
     if "onnx" in options.formats:
         import_onnxruntime()  # the missing extra is reported before minutes of work
         _import_onnx_exporter()
+    if options.quantize:
+        from vitcli.export.openvino import check_int8_options
+
+        check_int8_options(options)
     verify_sources: list[str] = []
     if options.verify_images:
         from vitcli.export.verify import image_sources
 
         verify_sources = image_sources(options.verify_images, "--verify-images")
     calibration: list[str] = []
-    if options.int8_target is not None:
+    if options.calibration and options.quantize:
         from vitcli.export.verify import image_sources
 
         calibration = image_sources(options.calibration, "--calibration")
@@ -238,8 +241,9 @@ def export_model(name: str, weights: str | Path | None = None, options: ExportOp
             _write_json_beside(path, fmt, file_meta)
         files.append(ExportedFile(fmt, options.precision, path, _size_of(path)))
     model.float()
-    if options.quantize == "int8":
-        files.append(_export_int8(files, meta, options, calibration, say))
+    for fmt in ("onnx", "openvino"):
+        if options.quantize == "int8" and fmt in options.formats:
+            files.append(_export_int8(files, meta, options, calibration, say, fmt))
 
     if options.verify:
         _verify_all(files, loaded, meta, options, verify_sources, say)
@@ -247,49 +251,15 @@ def export_model(name: str, weights: str | Path | None = None, options: ExportOp
 
 
 def _export_int8(files: list[ExportedFile], meta: dict, options: ExportOptions, calibration: list[str],
-                 say: Callable[[str], None]) -> ExportedFile:
-    import onnx
+                 say: Callable[[str], None], fmt: str) -> ExportedFile:
+    """The int8 file of ``fmt`` (ONNX Runtime dynamic, or NNCF for OpenVINO) beside its fp32 file."""
+    from vitcli.export import int8
 
-    from vitcli.cpuinfo import has_vnni
-    from vitcli.export.quantize import accuracy_aware_int8, quantize_int8, weight_matmuls
-
-    source = next(f for f in files if f.format == "onnx")
-    fp32 = onnx.load(str(source.path))
-    path = output_path(options.output, "onnx", ".int8")
-    say(f"quantizing to int8 ({'VNNI' if has_vnni() else 'no VNNI: 7-bit weights (reduce_range)'})")
-    notes = []
-    if options.int8_target is None:
-        proto = quantize_int8(fp32)
-        quant = {"scheme": "dynamic", "weights": "int8 per-channel", "reduce_range": not has_vnni(),
-                 "matmuls_int8": len(weight_matmuls(fp32)), "matmuls_fp32": []}
-    else:
-        from vitcli.export.verify import batch_of, load_readable
-
-        batch = batch_of(load_readable(calibration), data_config_of(meta))
-        result = accuracy_aware_int8(fp32, _run_proto, batch, options.int8_target, say)
-        proto = result.model
-        quant = {"scheme": "dynamic, accuracy-aware", "weights": "int8 per-channel",
-                 "reduce_range": not has_vnni(), "matmuls_int8": result.quantized, "matmuls_fp32": result.kept_fp32,
-                 "calibration_images": len(batch), "calibration_agreement": result.calibration_agreement,
-                 "target": options.int8_target}
-        notes.append(f"{len(result.kept_fp32)} MatMuls kept fp32; {result.calibration_agreement:.1%} top-1 "
-                     f"agreement on {len(batch)} calibration images (target {options.int8_target:.1%})")
-        if result.calibration_agreement < options.int8_target:
-            notes.append("the target was not reached even with every MatMul in fp32")
-    # the quantizer rebuilds the graph and drops metadata_props: write them again
-    write_onnx(proto, path, {**meta, "format": "onnx", "precision": "int8", "opset": options.opset,
-                             "quantization": quant})
-    return ExportedFile("onnx", "int8", path, _size_of(path), notes=notes)
-
-
-def _run_proto(proto: Any, batch: np.ndarray) -> np.ndarray:
-    ort = import_onnxruntime()
-    from vitcli.inference.onnx_engine import session_options
-
-    session = ort.InferenceSession(proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: batch[i:i + VERIFY_BATCH]})[0]
-                           for i in range(0, len(batch), VERIFY_BATCH)])
+    source = next(f for f in files if f.format == fmt)
+    path = output_path(options.output, fmt, ".int8")
+    quantize = int8.int8_onnx if fmt == "onnx" else int8.int8_openvino
+    notes = quantize(source.path, path, {**meta, "format": fmt}, options, calibration, say)
+    return ExportedFile(fmt, "int8", path, _size_of(path), notes=notes)
 
 
 def verification_sizes(meta: dict, dynamic_size: bool) -> list[tuple[int, int]]:
@@ -352,6 +322,8 @@ def _write_json_beside(path: Path, fmt: str, meta: dict) -> None:
 
 
 def _size_of(path: Path) -> int:
+    if path.suffix == ".xml":  # an IR: the graph and its weights
+        return path.stat().st_size + path.with_suffix(".bin").stat().st_size
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OPSET = 18  # the first opset with LayerNormalization-era ops everywhere we need; ONNX Runtime >= 1.14 runs it
-FORMATS = ("onnx", "torchscript", "pt2", "timm")
+FORMATS = ("onnx", "openvino", "torchscript", "pt2", "timm")
 
 
 @dataclass(frozen=True)

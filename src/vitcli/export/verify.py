@@ -92,3 +92,38 @@ def compare(reference: np.ndarray, logits: np.ndarray, tolerance: Any) -> dict[s
     if not kl <= tolerance.max_kl:
         failed.append(f"mean KL {kl:.3g} > {tolerance.max_kl:g}")
     return {"max_abs_logit": max_abs, "top1_agreement": agreement, "mean_kl": kl, "failed": failed}
+
+
+# the rule a converted model must meet to replace torch fp32 (issue 15): the same top-1 on every image
+# where fp32 is confident, nearly always the same top-1 elsewhere, probabilities within a few hundredths
+CONFIDENT_PROB = 0.5
+MIN_SAME_TOP1 = 0.98
+MAX_PROB_DELTA = 0.05
+
+
+def agreement(reference: np.ndarray, logits: np.ndarray) -> dict[str, Any]:
+    """How ``logits`` agree with the fp32 ``reference`` logits (N, C), and whether that passes the rule.
+
+    Returns {"images", "flips", "confident_flips", "same_top1", "max_prob_delta", "ok", "reason"}.
+    """
+    def probs(x: np.ndarray) -> np.ndarray:
+        z = x.astype(np.float64) - x.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    p, q = probs(reference), probs(logits)
+    same = p.argmax(1) == q.argmax(1)  # (N,)
+    confident = p.max(1) >= CONFIDENT_PROB
+    finite = bool(np.isfinite(logits).all())
+    delta = float(np.abs(p - q).max()) if finite else float("inf")
+    flips, confident_flips = int((~same).sum()), int((~same & confident).sum())
+    result = {"images": len(same), "flips": flips, "confident_flips": confident_flips,
+              "same_top1": float(same.mean()), "max_prob_delta": delta}
+    reasons = []
+    if not finite:
+        reasons.append("its outputs are not finite")
+    elif confident_flips or same.mean() < MIN_SAME_TOP1:
+        reasons.append(f"disagreed on {flips} of {len(same)} photos")
+    elif delta > MAX_PROB_DELTA:
+        reasons.append(f"max |Δprob| {delta:.3f} > {MAX_PROB_DELTA}")
+    return {**result, "ok": not reasons, "reason": "; ".join(reasons)}

@@ -8,7 +8,6 @@ PIL images, so the pixels fed to the network equal timm's exactly.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,8 @@ from typing import Any
 import numpy as np
 
 from vitcli.cpuinfo import usable_cpus
-from vitcli.errors import ImageLoadError, MissingExtraError, ModelLoadError, UsageError
-from vitcli.inference.predict import NOT_A_NUMBER
-from vitcli.io.images import load_image
-from vitcli.io.preprocess import DATA_KEYS, preprocess
+from vitcli.errors import MissingExtraError, ModelLoadError, UsageError
+from vitcli.io.preprocess import DATA_KEYS
 from vitcli.models.metadata import check_data_config, check_labels, parse_json_value
 
 INSTALL_HINT = 'ONNX support needs the export extra: pip install -e ".[export]"'
@@ -143,59 +140,12 @@ def load_onnx(path: str | Path, device: str = "auto", threads: int | None = None
     return model
 
 
-def softmax(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` (no temperature: of the logits)."""
-    if temperature is not None:
-        logits = logits / np.float32(temperature)
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def predict_onnx(model: OnnxModel, sources: Iterable[str], top_k: int = 5, batch_size: int = 32,
                  tta: bool = False, calibrated: bool = True) -> Iterator[Any]:
-    """Yield one ``vitcli.inference.predict.Prediction`` per source, in order; a bad image yields its error.
+    """Yield one ``vitcli.inference.predict.Prediction`` per source, in order (``numpy_predict.predict_model``).
 
     ``calibrated``: apply the temperature stored in the file's metadata, if any (False: plain softmax).
     """
-    from vitcli.inference.predict import Label, Prediction
+    from vitcli.inference.numpy_predict import predict_model
 
-    if top_k < 1:
-        raise UsageError("--top-k must be at least 1")
-    if batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    labels, config = model.labels, model.data_config
-    temperature = model.temperature if calibrated else None
-    top_k = min(top_k, len(labels))
-    pending = iter(sources)  # a list, or a lazy stream of millions (vitcli.inference.job)
-    while chunk := list(itertools.islice(pending, batch_size)):
-        arrays: list[np.ndarray] = []
-        errors: list[str | None] = []
-        for source in chunk:
-            try:
-                arrays.append(preprocess(load_image(source), config))
-                errors.append(None)
-            except ImageLoadError as e:
-                errors.append(e.reason)
-            except Exception as e:  # a pathological image the resize chokes on
-                errors.append(f"could not preprocess ({type(e).__name__}: {e})")
-        if arrays:
-            batch = np.stack(arrays)  # (B, 3, H, W)
-            probs = softmax(model.logits(batch), temperature)
-            if tta:
-                probs = (probs + softmax(model.logits(np.ascontiguousarray(batch[..., ::-1])), temperature)) / 2
-            if probs.shape[1] != len(labels):  # a graph whose class count is not fixed in the file
-                raise ModelLoadError(f"'{model.path}' outputs {probs.shape[1]} classes but its metadata has "
-                                     f"{len(labels)} labels; export the model again")
-            order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
-            finite = np.isfinite(probs).all(axis=1)
-        row = 0
-        for source, error in zip(chunk, errors, strict=True):
-            if error is None and not finite[row]:
-                error, row = NOT_A_NUMBER, row + 1
-            if error is not None:
-                yield Prediction(source, error=error)
-                continue
-            yield Prediction(source, top=[Label(rank + 1, int(i), labels[int(i)], float(probs[row, i]))
-                                          for rank, i in enumerate(order[row])])
-            row += 1
+    return predict_model(model, sources, top_k, batch_size, tta, calibrated)

@@ -5,9 +5,11 @@ on rank 0 and hands the outcome of that open (the sources the file already holds
 every rank through ``distributed.on_rank0``, the shared-failure path finetune uses, so no rank waits
 for a rank 0 that could not open its file. It then streams the records into the sinks and, whatever
 happens, closes every sink and leaves the group. ``predictor_for`` is the seam where an engine is
-chosen for a model. The CLI passes its terminal sinks (tables, error lines, progress) in.
+chosen for a model (``inference.backend`` picks torch or OpenVINO). The CLI passes its terminal sinks
+(tables, error lines, progress) in.
 
-Torch-free at import: ``vitcli predict model.onnx`` never imports torch unless torchrun started it.
+Torch-free at import: ``vitcli predict model.onnx`` (or ``.xml``, or a model whose OpenVINO build is
+cached) never imports torch unless torchrun started it.
 """
 
 from __future__ import annotations
@@ -39,21 +41,46 @@ def is_onnx(model: str) -> bool:
     return model.lower().endswith(".onnx")
 
 
+def is_exported(model: str) -> bool:
+    """An exported file that runs on its own engine: ``.onnx`` (ONNX Runtime) or ``.xml`` (OpenVINO)."""
+    return model.lower().endswith((".onnx", ".xml"))
+
+
 # ------------------------------------------------------------------------------------ engines
 
 
-def predictor_for(model: str, weights: Path | None, options: PredictOptions,
-                  loading: Loading = _quiet) -> Callable[[], Predictor]:
+def predictor_for(model: str, weights: Path | None, options: PredictOptions, loading: Loading = _quiet,
+                  backend: str | None = None, say: Callable[[str], None] | None = None) -> Callable[[], Predictor]:
     """``make_predictor`` for ``model``: the engine that runs it, loaded only when first called.
 
-    An exported ``.onnx`` file runs on ONNX Runtime (NumPy and Pillow, no torch); anything else is
-    a timm model on torch. Options that mean nothing for the chosen engine are refused here, before
-    any model loads.
+    An exported ``.onnx`` file runs on ONNX Runtime and an ``.xml`` file on OpenVINO (NumPy and
+    Pillow, no torch); anything else is a timm model, run where ``inference.backend.choose_engine``
+    says (``backend``: --backend, None for $VITCLI_BACKEND or auto): OpenVINO from the compiled-model
+    cache, or torch. ``say`` gets the line saying which. Options that mean nothing for the chosen
+    engine are refused here, before any model loads.
     """
-    if is_onnx(model):
-        check_onnx_options(options, weights)
-        return lambda: onnx_predictor(model, options)
-    return lambda: torch_predictor(load_torch_model(model, weights, loading), options)
+    if is_exported(model):
+        check_onnx_options(options, weights, model, backend)
+        return lambda: onnx_predictor(model, options) if is_onnx(model) else openvino_predictor(model, options)
+
+    def make() -> Predictor:
+        from vitcli.inference.backend import choose_engine
+
+        loaded: list[Any] = []
+
+        def load() -> Any:
+            if not loaded:
+                loaded.append(load_torch_model(model, weights, loading))
+            return loaded[0]
+
+        choice = choose_engine(model, weights, load, backend, options.device, options.precision)
+        if choice.line and say is not None:
+            say(choice.line)
+        if choice.openvino is not None:
+            return numpy_predictor(choice.openvino, options)
+        return torch_predictor(choice.loaded or load(), options)
+
+    return make
 
 
 def load_torch_model(model: str, weights: Path | None, loading: Loading = _quiet) -> Any:
@@ -72,20 +99,44 @@ def torch_predictor(loaded: Any, options: PredictOptions) -> Predictor:
 
 def onnx_predictor(path: str, options: PredictOptions) -> Predictor:
     """Sources -> Prediction records through ONNX Runtime (``inference.onnx_engine``: no torch)."""
-    from vitcli.inference.onnx_engine import load_onnx, predict_onnx
+    from vitcli.inference.onnx_engine import load_onnx
 
-    model = load_onnx(path, options.device)
-    return lambda sources: predict_onnx(model, sources, options.top_k, options.batch_size, options.tta,
+    return numpy_predictor(load_onnx(path, options.device), options)
+
+
+def openvino_predictor(path: str, options: PredictOptions) -> Predictor:
+    """Sources -> Prediction records through OpenVINO (``inference.openvino_engine``: no torch); fp32
+    unless --precision bf16 (a file alone cannot be verified against torch)."""
+    from vitcli.inference.openvino_engine import load_openvino
+
+    return numpy_predictor(load_openvino(path, "bf16" if options.precision == "bf16" else "fp32", options.device),
+                           options)
+
+
+def numpy_predictor(model: Any, options: PredictOptions) -> Predictor:
+    """The shared NumPy predictor (``inference.numpy_predict``) over an ONNX Runtime or OpenVINO model."""
+    from vitcli.inference.numpy_predict import predict_model
+
+    return lambda sources: predict_model(model, sources, options.top_k, options.batch_size, options.tta,
                                          options.calibrated)
 
 
-def check_onnx_options(options: PredictOptions, weights: Path | None) -> None:
+def check_onnx_options(options: PredictOptions, weights: Path | None, model: str = ".onnx",
+                       backend: str | None = None) -> None:
     """Options that mean nothing for an exported file are refused rather than ignored."""
-    given = [name for name, on in (("--weights", weights is not None), ("--precision", options.precision != "auto"),
+    xml = not is_onnx(model)
+    engine = "openvino" if xml else "onnxruntime"
+    if backend not in (None, "auto", engine):  # only an explicit --backend: $VITCLI_BACKEND is a default
+        raise UsageError(f"--backend {backend}: '{model}' is an exported file that runs on {engine}; "
+                         f"drop --backend or use --backend {engine}")
+    precisions = ("auto", "fp32", "bf16") if xml else ("auto",)
+    given = [name for name, on in (("--weights", weights is not None),
+                                   ("--precision", options.precision not in precisions),
                                    ("--workers", options.workers is not None),
                                    ("--exact-decode", not options.fast_decode)) if on]
     if given:
-        raise UsageError(f"{', '.join(given)} do(es) not apply to an .onnx model: its weights, precision and "
+        kind = "an OpenVINO .xml" if xml else "an .onnx"
+        raise UsageError(f"{', '.join(given)} do(es) not apply to {kind} model: its weights, precision and "
                          "preprocessing (always the exact path) are fixed by `vitcli export`; leave them out")
 
 
@@ -93,18 +144,19 @@ def check_onnx_options(options: PredictOptions, weights: Path | None) -> None:
 
 
 def run_predict(job: PredictJob, model: str, weights: Path | None, options: PredictOptions,
-                csv: Path | None = None, terminal: Terminal = _no_terminal, loading: Loading = _quiet) -> Tally:
+                csv: Path | None = None, terminal: Terminal = _no_terminal, loading: Loading = _quiet,
+                backend: str | None = None, say: Callable[[str], None] | None = None) -> Tally:
     """``vitcli predict``: the job's records into ``--output``, ``--csv`` and the terminal sinks."""
     from vitcli.io.records import CsvFile
 
-    if is_onnx(model):
-        check_onnx_options(options, weights)  # before joining any group: a usage error is the same on every rank
+    if is_exported(model):  # before joining any group: a usage error is the same on every rank
+        check_onnx_options(options, weights, model, backend)
 
     def files() -> list[Any]:
         return [CsvFile(csv)] if csv is not None else []
 
-    return run_job(job, options, lambda opts: predictor_for(model, weights, opts, loading), files=files,
-                   terminal=terminal)
+    return run_job(job, options, lambda opts: predictor_for(model, weights, opts, loading, backend, say),
+                   files=files, terminal=terminal)
 
 
 def run_job(job: PredictJob, options: PredictOptions, engine: Callable[[PredictOptions], Callable[[], Predictor]],

@@ -1,0 +1,108 @@
+"""One torch-free predictor for every engine that maps a float32 batch to logits in NumPy.
+
+ONNX Runtime (``onnx_engine``) and OpenVINO (``openvino_engine``) differ only in how a batch runs;
+decoding (Pillow), timm's eval transform (``io.preprocess``), the softmax with the
+model's temperature, TTA and top-k are the same code here.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from vitcli.errors import ImageLoadError, ModelLoadError, UsageError
+from vitcli.io.images import load_image
+from vitcli.io.preprocess import preprocess
+
+Run = Callable[[np.ndarray], np.ndarray]  # float32 (B, 3, H, W) -> float32 logits (B, num_classes)
+
+
+class NumpyModel(Protocol):
+    """What an exported-file engine offers: its labels, data config, metadata and a batch runner."""
+
+    metadata: dict[str, Any]
+    path: Any
+
+    @property
+    def labels(self) -> list[str]: ...
+
+    @property
+    def data_config(self) -> dict[str, Any]: ...
+
+    @property
+    def temperature(self) -> float | None: ...
+
+    def logits(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def softmax(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
+    """Probabilities (B, C) of logits (B, C), as softmax(logits / T) when a temperature is given."""
+    if temperature is not None:
+        logits = logits / np.float32(temperature)
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def predict_model(model: NumpyModel, sources: Iterable[str], top_k: int = 5, batch_size: int = 32,
+                  tta: bool = False, calibrated: bool = True) -> Iterator[Any]:
+    """``predict_numpy`` with a model's own runner, labels, preprocessing and (``calibrated``) temperature."""
+    return predict_numpy(model.logits, model.labels, model.data_config, sources, top_k, batch_size, tta,
+                         model.temperature if calibrated else None, f"'{model.path}'")
+
+
+def predict_numpy(run: Run, labels: Sequence[str], config: dict[str, Any], sources: Iterable[str], top_k: int = 5,
+                  batch_size: int = 32, tta: bool = False, temperature: float | None = None,
+                  where: str = "the model") -> Iterator[Any]:
+    """Yield one ``vitcli.inference.predict.Prediction`` per source, in order; a bad image yields its error.
+
+    Args:
+        run: the engine: float32 (B, 3, H, W) -> float32 logits (B, num_classes).
+        labels: one name per logit.
+        config: timm's data config (input_size, mean, std, interpolation, crop_pct, crop_mode).
+        sources: image paths or URLs, read lazily one batch at a time.
+        temperature: probabilities are softmax(logits / temperature) when given.
+        where: the model's name in errors ("'model.onnx'").
+    """
+    from vitcli.inference.predict import NOT_A_NUMBER, Label, Prediction
+
+    if top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    top_k = min(top_k, len(labels))
+    pending = iter(sources)  # a list, or a lazy stream of millions (vitcli.inference.job)
+    while chunk := list(itertools.islice(pending, batch_size)):
+        arrays: list[np.ndarray] = []
+        errors: list[str | None] = []
+        for source in chunk:
+            try:
+                arrays.append(preprocess(load_image(source), config))
+                errors.append(None)
+            except ImageLoadError as e:
+                errors.append(e.reason)
+            except Exception as e:  # a pathological image the resize chokes on
+                errors.append(f"could not preprocess ({type(e).__name__}: {e})")
+        if arrays:
+            batch = np.stack(arrays)  # (B, 3, H, W)
+            probs = softmax(run(batch), temperature)
+            if tta:
+                probs = (probs + softmax(run(np.ascontiguousarray(batch[..., ::-1])), temperature)) / 2
+            if probs.shape[1] != len(labels):  # a graph whose class count is not fixed in the file
+                raise ModelLoadError(f"{where} outputs {probs.shape[1]} classes but its metadata has "
+                                     f"{len(labels)} labels; export the model again")
+            order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+            finite = np.isfinite(probs).all(axis=1)
+        row = 0
+        for source, error in zip(chunk, errors, strict=True):
+            if error is None and not finite[row]:
+                error, row = NOT_A_NUMBER, row + 1
+            if error is not None:
+                yield Prediction(source, error=error)
+                continue
+            yield Prediction(source, top=[Label(rank + 1, int(i), labels[int(i)], float(probs[row, i]))
+                                          for rank, i in enumerate(order[row])])
+            row += 1

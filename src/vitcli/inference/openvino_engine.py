@@ -1,0 +1,191 @@
+"""A torch-free engine for OpenVINO IR files (``.xml`` + ``.bin``): OpenVINO, NumPy and Pillow only.
+
+``vitcli predict model.xml`` and the compiled-model cache (``inference.cache``) run through here.
+vitcli's metadata (labels, timm's data config, provenance, the calibration temperature) lives in
+the IR's ``rt_info`` under ``vitcli``, one JSON document per key, as ONNX files keep it in
+``metadata_props``. Preprocessing and top-k are the shared NumPy predictor's
+(``inference.numpy_predict``), so the pixels equal timm's eval transform exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitcli.errors import MissingExtraError, ModelLoadError, UsageError, first_line
+
+IR_SUFFIX = ".xml"
+RT_INFO_ROOT = "vitcli"  # rt_info section of vitcli's metadata
+DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode", "crop_border_pixels")
+INSTALL_HINT = "the OpenVINO engine needs the openvino package: pip install openvino"
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+def import_openvino() -> Any:
+    """``openvino``, or a MissingExtraError with the install line."""
+    try:
+        import openvino
+    except ImportError as e:
+        raise MissingExtraError(INSTALL_HINT) from e
+    return openvino
+
+
+def openvino_version() -> str:
+    return import_openvino().get_version()
+
+
+# ----------------------------------------------------------------------------------- metadata
+
+
+def set_metadata(model: Any, meta: dict[str, Any]) -> None:
+    """Write ``meta`` into an ``openvino.Model``'s rt_info, one JSON document per key."""
+    for key, value in meta.items():
+        model.set_rt_info(json.dumps(value, allow_nan=False), [RT_INFO_ROOT, key])
+
+
+def read_metadata(model: Any) -> dict[str, Any]:
+    """vitcli's metadata of an ``openvino.Model`` ({} when it has none)."""
+    if not model.has_rt_info([RT_INFO_ROOT]):
+        return {}
+    meta: dict[str, Any] = {}
+    for key, value in model.get_rt_info()[RT_INFO_ROOT].items():
+        text = value.astype(str)
+        try:
+            meta[key] = json.loads(text)
+        except json.JSONDecodeError:
+            meta[key] = text
+    return meta
+
+
+def check_metadata(meta: dict[str, Any], where: str, num_outputs: int | None = None) -> dict[str, Any]:
+    """The metadata, or a ModelLoadError naming what is missing or malformed in ``where``
+    (the same bounds as for ONNX files: ``models.metadata``)."""
+    from vitcli.models.metadata import check_data_config, check_labels
+
+    missing = [k for k in ("labels", "input_size", "mean", "std") if k not in meta]
+    if missing:
+        raise ModelLoadError(f"'{where}' has no vitcli metadata ({', '.join(missing)}); export it with "
+                             "`vitcli export -f openvino`, which writes them into the file")
+    check_data_config({k: meta[k] for k in DATA_KEYS if k in meta}, f"'{where}'")
+    check_labels(meta["labels"], f"'{where}'", num_outputs)
+    return meta
+
+
+# ---------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class OpenVinoModel:
+    """A compiled OpenVINO model with the labels and preprocessing its IR carries."""
+
+    compiled: Any
+    path: Path
+    metadata: dict[str, Any]
+    precision: str = "fp32"
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.metadata["labels"])
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """timm's data config, as ``vitcli export`` recorded it."""
+        return {k: self.metadata[k] for k in DATA_KEYS if k in self.metadata}
+
+    @property
+    def temperature(self) -> float | None:
+        """The stored calibration temperature (``vitcli calibrate``/``finetune``), None if there is none."""
+        from vitcli.calibration import TEMPERATURE_KEY, checked_temperature
+
+        return checked_temperature(self.metadata.get(TEMPERATURE_KEY), f"the metadata of '{self.path}'")
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (B, 3, H, W) -> float32 logits (B, num_classes)."""
+        out = self.compiled(np.ascontiguousarray(batch, dtype=np.float32))[0]
+        return np.asarray(out, dtype=np.float32)
+
+
+def compile_config(precision: str, cache_dir: Path | None = None, threads: int | None = None) -> dict[str, str]:
+    """The CPU plugin's properties: inference precision (fp32 exact, bf16 on native hardware), blob cache."""
+    if precision not in PRECISION_HINTS:
+        raise UsageError(f"--precision {precision} does not run on OpenVINO's CPU plugin; use fp32 or bf16")
+    config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
+    if cache_dir is not None:
+        config["CACHE_DIR"] = str(cache_dir)
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
+    return config
+
+
+def compile_model(model: Any, precision: str = "fp32", cache_dir: Path | None = None) -> Any:
+    """An ``openvino.Model`` or an IR path -> a compiled CPU model (blobs kept in ``cache_dir`` if given)."""
+    ov = import_openvino()
+    return ov.Core().compile_model(str(model) if isinstance(model, Path) else model, "CPU",
+                                   compile_config(precision, cache_dir))
+
+
+def export_blob(compiled: Any, path: Path) -> None:
+    """Write a compiled model's blob (``CompiledModel.export_model``) to ``path``."""
+    data = compiled.export_model()
+    path.write_bytes(data.getvalue() if hasattr(data, "getvalue") else data)
+
+
+def import_blob(path: Path, precision: str = "fp32") -> Any:
+    """A compiled model back from its blob (made on this CPU, by this OpenVINO, at ``precision``)."""
+    ov = import_openvino()
+    return ov.Core().import_model(path.read_bytes(), "CPU", compile_config(precision))
+
+
+def load_openvino(path: str | Path, precision: str = "fp32", device: str = "cpu") -> OpenVinoModel:
+    """Open an exported IR (``model.xml`` beside ``model.bin``); its rt_info must carry vitcli's metadata."""
+    ov = import_openvino()
+    path = Path(path)
+    if device not in ("auto", "cpu"):
+        raise UsageError(f"--device {device}: vitcli runs OpenVINO IR files on the CPU; use --device cpu, or "
+                         "export ONNX (`vitcli export -f onnx`) for a GPU runtime")
+    if not path.is_file():
+        raise UsageError(f"OpenVINO IR '{path}' does not exist")
+    if not path.with_suffix(".bin").is_file():
+        raise ModelLoadError(f"'{path}' has no weights file beside it ({path.with_suffix('.bin').name}); "
+                             "copy the .xml and .bin together")
+    try:
+        model = ov.Core().read_model(str(path))
+    except Exception as e:  # OpenVINO raises RuntimeError with pages of context
+        raise ModelLoadError(f"'{path}' is not a readable OpenVINO IR ({first_line(e)})") from e
+    outputs = model.outputs[0].get_partial_shape()
+    num_outputs = outputs[-1].get_length() if outputs.rank.is_static and outputs[-1].is_static else None
+    meta = check_metadata(read_metadata(model), str(path), num_outputs)
+    try:
+        compiled = compile_model(model, precision)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"OpenVINO could not compile '{path}' ({first_line(e)})") from e
+    return OpenVinoModel(compiled, path, meta, precision)
+
+
+def save_ir(model: Any, path: Path, meta: dict[str, Any]) -> Path:
+    """Write ``model`` as ``path`` (.xml) + its .bin with ``meta`` in rt_info; fp32 weights, atomically.
+
+    Both files are written to a temporary folder beside ``path`` and renamed into place, the
+    weights first, so a reader never meets an .xml without its whole .bin.
+    """
+    import tempfile
+
+    ov = import_openvino()
+    set_metadata(model, meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
+    try:
+        ov.save_model(model, str(tmp / path.name), compress_to_fp16=False)
+        for suffix in (".bin", ".xml"):
+            os.replace(tmp / path.with_suffix(suffix).name, path.with_suffix(suffix))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,199 @@
+"""The OpenVINO engine: IR export with vitcli's metadata in rt_info, torch-free predict on .xml, NNCF int8."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TINY_LABELS, make_image, shared
+from vitcli.cli.app import app
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_ir(tiny_model_dir, tmp_path_factory) -> Path:
+    from vitcli.export.job import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("ir") / "tiny"
+    result = export_model(str(tiny_model_dir), options=ExportOptions(formats=("openvino",), output=out))
+    (f,) = result.files
+    assert f.ok and f.path == out.with_name("tiny.xml"), f.verifications
+    return f.path
+
+
+def test_ir_metadata_round_trip(tiny_ir, tiny_model_dir):
+    from vitcli.export.formats import read_metadata
+    from vitcli.inference.openvino_engine import load_openvino
+
+    meta = read_metadata("openvino", tiny_ir)
+    assert meta["labels"] == TINY_LABELS
+    assert meta["format"] == "openvino" and meta["precision"] == "fp32"
+    assert meta["input_size"] == [3, 160, 160] and len(meta["mean"]) == 3
+    assert meta["weights_source"]["kind"] == "local-dir"
+    assert json.loads(tiny_ir.with_name("tiny.xml.json").read_text()) == meta  # the copy beside it
+    model = load_openvino(tiny_ir)
+    assert model.labels == TINY_LABELS and model.data_config["crop_pct"] == meta["crop_pct"]
+
+
+def test_set_and_read_metadata_keep_every_json_type(tiny_ir, tmp_path):
+    from vitcli.inference.openvino_engine import import_openvino, read_metadata, save_ir
+
+    ov = import_openvino()
+    model = ov.Core().read_model(str(tiny_ir))
+    meta = {"labels": ["a \u00e9", "b\n[red]x[/]", "c"], "temperature": 1.5, "crop_pct": None,
+            "nested": {"k": [1, 2.5, True]}, "input_size": [3, 160, 160], "mean": [0.5] * 3, "std": [0.25] * 3}
+    save_ir(model, tmp_path / "m.xml", meta)
+    got = read_metadata(ov.Core().read_model(str(tmp_path / "m.xml")))
+    assert {k: got[k] for k in meta} == meta
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.xml"]  # no temporary folder left
+
+
+def test_openvino_logits_equal_torch_and_temperature_is_applied(tiny_ir, tiny_model_dir, images, tmp_path):
+    import torch
+
+    from vitcli.inference.numpy_predict import predict_model
+    from vitcli.inference.onnx_engine import preprocess
+    from vitcli.inference.openvino_engine import import_openvino, load_openvino, read_metadata, save_ir
+    from vitcli.io.images import load_image
+    from vitcli.models.resolve import load_model
+
+    model = load_openvino(tiny_ir)
+    x = np.stack([preprocess(load_image(str(p)), model.data_config) for p in images])
+    with torch.inference_mode():
+        expected = load_model(str(tiny_model_dir)).model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(model.logits(x), expected, atol=1e-4)
+
+    ov = import_openvino()
+    hot = ov.Core().read_model(str(tiny_ir))
+    save_ir(hot, tmp_path / "t.xml", {**read_metadata(hot), "temperature": 2.0})
+    (record,) = list(predict_model(load_openvino(tmp_path / "t.xml"), [str(images[0])], top_k=3))
+    z = expected[0] / 2.0
+    probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    got = {label.index: label.prob for label in record.top}
+    np.testing.assert_allclose([got[i] for i in range(3)], probs, atol=1e-5)
+
+
+def test_predict_on_xml_equals_predict_on_the_source_model(tiny_ir, tiny_model_dir, images):
+    args = ["predict", *map(str, images), "--json", "--top-k", "3"]
+    ov = runner.invoke(app, ["predict", str(tiny_ir), *args[1:]])
+    torch_ = runner.invoke(app, [*args, "--model", str(tiny_model_dir), "--exact-decode", "--workers", "0",
+                                 "--backend", "torch"])
+    assert ov.exit_code == 0 and torch_.exit_code == 0, ov.stderr + torch_.stderr
+    a = [json.loads(line) for line in ov.stdout.splitlines()]
+    b = [json.loads(line) for line in torch_.stdout.splitlines()]
+    assert [r["source"] for r in a] == [r["source"] for r in b] == [str(p) for p in images]
+    for ra, rb in zip(a, b, strict=True):
+        assert [p["index"] for p in ra["predictions"]] == [p["index"] for p in rb["predictions"]]
+        np.testing.assert_allclose([p["prob"] for p in ra["predictions"]], [p["prob"] for p in rb["predictions"]],
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["--model", "first argument", "--output and --shard"])
+def test_predict_xml_never_imports_torch_or_timm(tiny_ir, images, tmp_path, form):
+    argv = {"--model": [str(images[0]), "--model", str(tiny_ir)],
+            "first argument": [str(tiny_ir), str(images[0]), str(images[1])],
+            "--output and --shard": [str(tiny_ir), str(images[0]), "-o", str(tmp_path / "o.jsonl"),
+                                     "--shard", "0/1"]}[form]
+    code = (
+        "import sys\n"
+        "from vitcli.cli.app import main\n"
+        f"sys.argv = ['vitcli', 'predict', *{argv!r}, '--json']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision'))\n"
+        "print('EXIT', code, 'HEAVY', ','.join(heavy), file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stderr.splitlines()[-1].strip() == "EXIT 0 HEAVY", proc.stderr  # no torch, timm or torchvision
+    record = json.loads(proc.stdout.splitlines()[0])
+    assert record["error"] is None and record["predictions"][0]["label"] in TINY_LABELS
+    if form == "--output and --shard":
+        assert json.loads((tmp_path / "o.jsonl").read_text())["source"] == str(images[0])
+
+
+def test_an_ir_without_vitcli_metadata_or_without_its_bin_is_refused(tiny_ir, tmp_path, images):
+    import shutil
+
+    from vitcli.inference.openvino_engine import import_openvino
+
+    ov = import_openvino()
+    plain = ov.Core().read_model(str(tiny_ir))
+    for key in list(plain.get_rt_info()["vitcli"]):
+        plain.set_rt_info("", ["vitcli", key])  # rt_info cannot drop a key: blank every value
+    ov.save_model(plain, str(tmp_path / "plain.xml"))
+    result = runner.invoke(app, ["predict", str(tmp_path / "plain.xml"), str(images[0])])
+    assert result.exit_code == 1
+    assert "has no vitcli metadata" in result.stderr or "must be a JSON list of label strings" in result.stderr, \
+        result.stderr
+
+    shutil.copy(tiny_ir, tmp_path / "lonely.xml")
+    result = runner.invoke(app, ["predict", str(tmp_path / "lonely.xml"), str(images[0])])
+    assert result.exit_code == 1 and "has no weights file beside it (lonely.bin)" in result.stderr
+
+
+def test_options_that_mean_nothing_for_an_xml_file_are_usage_errors(tiny_ir, images):
+    for extra in (["--weights", "w.safetensors"], ["--precision", "fp16"], ["--backend", "torch"],
+                  ["--device", "cuda"]):
+        result = runner.invoke(app, ["predict", str(tiny_ir), str(images[0]), *extra])
+        assert result.exit_code == 2, (extra, result.stderr)
+        assert result.stderr.startswith("Error: "), result.stderr
+
+
+def test_export_int8_openvino_needs_calibration_images(tiny_model_dir, tmp_path):
+    result = runner.invoke(app, ["export", "-m", str(tiny_model_dir), "-f", "openvino", "--quantize", "int8",
+                                 "-o", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert "--quantize int8 with --format openvino needs --calibration DIR" in result.stderr
+
+
+def test_export_int8_openvino_through_nncf_reports_what_stayed_in_float(tiny_model_dir, tmp_path):
+    calibration = [make_image(tmp_path / "cal" / f"{i}.png", (96, 80), seed=10 + i) for i in range(8)]
+    verify = [make_image(tmp_path / "ver" / f"{i}.png", (96, 80), seed=50 + i) for i in range(4)]
+    result = runner.invoke(app, ["export", "-m", str(tiny_model_dir), "-f", "openvino", "--quantize", "int8",
+                                 "--calibration", str(tmp_path / "cal"), "--verify-images", str(tmp_path / "ver"),
+                                 "--min-agreement", "0", "-o", str(tmp_path / "m"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    files = {Path(f["path"]).name: f for f in json.loads(result.stdout)["files"]}
+    assert set(files) == {"m.xml", "m.int8.xml"}
+    assert files["m.int8.xml"]["precision"] == "int8"
+    from vitcli.export.formats import read_metadata
+
+    quant = read_metadata("openvino", tmp_path / "m.int8.xml")["quantization"]
+    assert quant["calibration_images"] == len(calibration) and quant["model_type"] == "transformer"
+    assert quant["matmuls_int8"] > 0 and isinstance(quant["matmuls_float"], list)
+    assert "MatMuls kept in floating point" in result.stderr
+    assert len(verify) == 4
+
+
+@pytest.mark.slow
+def test_openvino_agrees_with_torch_fp32_on_the_shared_photos():
+    """DeiT-Tiny on the shared photos: OpenVINO fp32 and (where the CPU has it) bf16 pass the issue's rule."""
+    import torch
+
+    from vitcli.cpuinfo import fast_bf16
+    from vitcli.export.openvino import convert
+    from vitcli.export.verify import agreement, batch_of, image_sources, run_batched
+    from vitcli.inference.openvino_engine import compile_model
+    from vitcli.io.images import load_image
+    from vitcli.models.resolve import load_model
+
+    photos = [load_image(s) for s in image_sources([str(shared("images"))], "photos")]
+    loaded = load_model("deit_tiny_patch16_224")
+    batch = batch_of(photos, loaded.data_config)
+    with torch.inference_mode():
+        reference = run_batched(lambda x: loaded.model(torch.from_numpy(x)).numpy(), batch)
+    converted = convert(loaded.model, torch.zeros(1, 3, 224, 224))
+    for precision in ["fp32", *(["bf16"] if fast_bf16("openvino") else [])]:
+        compiled = compile_model(converted, precision)
+        result = agreement(reference, run_batched(lambda x, c=compiled: c(x)[0], batch))
+        assert result["ok"], (precision, result)
+        assert result["confident_flips"] == 0 and result["same_top1"] >= 0.98
