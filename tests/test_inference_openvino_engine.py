@@ -61,9 +61,9 @@ def test_openvino_logits_equal_torch_and_temperature_is_applied(tiny_ir, tiny_mo
     import torch
 
     from vitcli.inference.numpy_predict import predict_model
-    from vitcli.inference.onnx_engine import preprocess
     from vitcli.inference.openvino_engine import import_openvino, load_openvino, read_metadata, save_ir
     from vitcli.io.images import load_image
+    from vitcli.io.preprocess import preprocess
     from vitcli.models.resolve import load_model
 
     model = load_openvino(tiny_ir)

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from vitcli.errors import MissingExtraError, ModelLoadError, UsageError, first_line
+from vitcli.io.preprocess import DATA_KEYS
 
 IR_SUFFIX = ".xml"
 RT_INFO_ROOT = "vitcli"  # rt_info section of vitcli's metadata
-DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode", "crop_border_pixels")
 INSTALL_HINT = "the OpenVINO engine needs the openvino package: pip install openvino"
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 
