@@ -107,3 +107,15 @@ def unreachable_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_sigchld():
+    """torch's DataLoader leaves its SIGCHLD handler in this process; once OpenVINO has run here too, a
+    later child's exit can crash pytest with SIGSEGV (seen in the previous session): put it back."""
+    import signal
+
+    saved = signal.getsignal(signal.SIGCHLD)
+    yield
+    if signal.getsignal(signal.SIGCHLD) is not saved:
+        signal.signal(signal.SIGCHLD, saved if saved is not None else signal.SIG_DFL)

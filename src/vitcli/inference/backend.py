@@ -95,15 +95,14 @@ def choose_engine(name: str, weights: str | Path | None, load: Callable[[], Load
                          "`vitcli export -f onnx` and predict with the .onnx file as --model")
     if backend == "torch":
         return Choice("torch", "")
-    not_cpu = device if device not in ("auto", "cpu") else ("a GPU" if device == "auto" and gpu_present() else "")
     precisions = openvino_precisions(precision)
-    if backend == "openvino":
-        if not_cpu:
+    if backend == "openvino":  # on the CPU, even where torch would pick a GPU
+        if device not in ("auto", "cpu"):
             raise UsageError(f"--backend openvino runs on the CPU; drop --device {device} or use --backend torch")
         if not precisions:
             raise UsageError(f"--precision {precision} does not run on OpenVINO's CPU plugin; use fp32 or bf16")
-    elif not_cpu:
-        return Choice("torch", "", f"torch on {not_cpu}")
+    elif gpu := device if device not in ("auto", "cpu") else ("a GPU" if device == "auto" and gpu_present() else ""):
+        return Choice("torch", "", f"torch on {gpu}")
     elif not precisions:
         return Choice("torch", "", f"torch: OpenVINO has no {precision}")
     return _through_openvino(name, weights, load, precisions, explicit=backend == "openvino")
