@@ -193,7 +193,10 @@ def commit_entry(root: Path, key: CacheKey, tmp: Path, manifest: dict[str, Any])
         if not folder.is_dir():
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another process committed the same key meanwhile
-        return read_entry(root, key) or Entry(folder, manifest)
+        try:
+            return read_entry(root, key) or Entry(folder, manifest)
+        except EntryDamaged as e:  # a damaged entry that could not be moved aside: build in memory
+            raise OSError(f"the cache entry {folder} is damaged and cannot be replaced ({e})") from e
     return Entry(folder, manifest)
 
 
