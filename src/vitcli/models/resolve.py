@@ -182,6 +182,8 @@ def _create_from_folder(folder: Path, pretrained: bool, kwargs: dict[str, Any]) 
     try:
         return timm.create_model(f"local-dir:{folder.resolve()}", pretrained=pretrained, **kwargs)
     except Exception as e:  # timm and safetensors raise anything: RuntimeError, SafetensorError, TypeError, ...
+        if isinstance(e, TypeError) and "unexpected keyword argument" in str(e):
+            raise  # an option this architecture does not take (a CNN's img_size): the caller may drop it
         mismatches = [f"{key} has shape ({got}), model expects ({want})"
                       for key, got, want in SIZE_MISMATCH.findall(str(e))]
         if mismatches:
