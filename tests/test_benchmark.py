@@ -85,10 +85,11 @@ def test_run_benchmark_times_every_backend_and_verifies_it(tiny_model_dir):
     assert bound == pytest.approx(1 / (1 / result.decode_images_per_s + 1 / row.images_per_s))
 
 
-@pytest.mark.parametrize("cpu, cuda_bf16, expected", [
-    ("amx-xeon", None, "torch-bf16"), ("zen4", None, "torch-fp32"), ("avx2", None, "torch-fp32"),
-    ("zen4", True, "cuda-bf16"), ("zen4", False, "cuda-fp32")])
-def test_the_row_predict_runs_by_default(monkeypatch, tmp_path, cpu, cuda_bf16, expected):
+@pytest.mark.parametrize("cpu, cuda_bf16, backend, expected", [
+    ("amx-xeon", None, "", "openvino-bf16"), ("zen4", None, "", "openvino-bf16"), ("avx2", None, "", "openvino-fp32"),
+    ("amx-xeon", None, "torch", "torch-bf16"), ("zen4", None, "torch", "torch-fp32"),
+    ("zen4", True, "", "cuda-bf16"), ("zen4", False, "", "cuda-fp32")])
+def test_the_row_predict_runs_by_default(monkeypatch, tmp_path, cpu, cuda_bf16, backend, expected):
     import torch
 
     from _cpus import forget_cpu, use_cpu
@@ -96,6 +97,7 @@ def test_the_row_predict_runs_by_default(monkeypatch, tmp_path, cpu, cuda_bf16, 
     if cuda_bf16 is not None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: cuda_bf16)
+    monkeypatch.setenv("VITCLI_BACKEND", backend)
     use_cpu(monkeypatch, tmp_path, cpu)
     try:
         assert predict_default_backend() == expected

@@ -157,3 +157,13 @@ def test_streams_never_share_an_engine_handle():
     assert len(clashes) == 30 and not any(clashes)
     with pytest.raises(ValueError):
         HandlePool([])
+
+
+def test_a_job_smaller_than_a_round_is_shared_among_the_streams():
+    from vitcli.inference.pipeline import balanced_chunks
+
+    assert [len(c) for c in balanced_chunks(range(10), 32, 2)] == [5, 5]  # both streams get work
+    assert [len(c) for c in balanced_chunks(range(70), 32, 2)] == [32, 32, 6]  # a full round: as asked
+    assert [len(c) for c in balanced_chunks(range(10), 32, 1)] == [10]
+    assert [x for c in balanced_chunks(range(7), 4, 3) for x in c] == list(range(7))
+

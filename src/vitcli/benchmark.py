@@ -165,14 +165,20 @@ def _openvino_runner(model: torch.nn.Module, loaded: Any, precision: str) -> Cal
 
 
 def predict_default_backend() -> str:
-    """The row `vitcli predict` runs with no options here: torch at ``--precision auto``."""
+    """The row `vitcli predict` runs with no options here: on a CPU, OpenVINO (``--backend auto``, when
+    the model converts and verifies) at bf16 where that is fast, else fp32; torch at ``--precision auto``
+    on GPUs and under ``VITCLI_BACKEND=torch``."""
     from vitcli.devices import resolve_device, resolve_precision
+    from vitcli.inference.backend import default_backend, openvino_precisions
 
     device = resolve_device("auto")
     precision = resolve_precision("auto", device)
     if device.type == "cuda":
         return "cuda-bf16" if precision == "bf16" else "cuda-fp32"
-    return f"torch-{precision}"
+    backend = default_backend(None)
+    if device.type == "cpu" and backend in ("auto", "openvino"):
+        return f"openvino-{openvino_precisions('auto')[0]}"
+    return "onnxruntime-fp32" if backend == "onnxruntime" else f"torch-{precision}"
 
 
 def decode_rate(loaded: Any, sources: Sequence[str], seconds: float = 1.0) -> float | None:
@@ -206,8 +212,6 @@ def decode_rate(loaded: Any, sources: Sequence[str], seconds: float = 1.0) -> fl
 def _fused(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of the exportable model (attention unfused, for the ONNX graph and the FLOP count) with
     timm's default fused attention back on: the torch rows time what `vitcli predict` runs."""
-    import copy
-
     fused = copy.deepcopy(model)
     for module in fused.modules():
         if hasattr(module, "fused_attn"):
@@ -304,7 +308,7 @@ def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Seq
     """Time ``name`` on every backend and batch size; see the module docstring."""
     from vitcli.export.formats import data_config_of
     from vitcli.export.job import export_metadata, load_exportable
-    from vitcli.export.options import TOLERANCES
+    from vitcli.export.options import TOLERANCES, ExportOptions
     from vitcli.export.verify import batch_of, compare, run_batched, verification_images
 
     say = say or (lambda _: None)
@@ -316,7 +320,7 @@ def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Seq
     say(f"loading {name}")
     loaded = load_exportable(name, weights)
     model = loaded.model.float().eval()
-    meta = export_metadata(loaded, name, weights, _options())
+    meta = export_metadata(loaded, name, weights, ExportOptions())
     result = BenchmarkResult(
         model=name, parameters=sum(p.numel() for p in model.parameters()),
         gflops_per_image=count_gflops(model, meta["input_size"]), threads=torch.get_num_threads(),
@@ -373,12 +377,6 @@ def _photo_sources(inputs: Sequence[str]) -> list[str]:
     from vitcli.export.verify import PHOTOS_DIR, image_sources
 
     return list(image_sources(inputs, "--verify-images")) if inputs else sorted(map(str, PHOTOS_DIR.glob("*.jpg")))
-
-
-def _options() -> Any:
-    from vitcli.export.options import ExportOptions
-
-    return ExportOptions()
 
 
 def _interleaved(runners: dict[str, tuple[str, Callable]], batch: np.ndarray, repeats: int,

@@ -108,7 +108,7 @@ def _render(result, out) -> None:
 
 def _render_bound(result, out) -> None:
     """The row predict runs by default and the most it can reach end to end here (decode-once bound)."""
-    line = f"vitcli predict runs {result.default_backend} by default here (--precision auto)"
+    line = f"vitcli predict runs {result.default_backend} by default here (--backend auto, --precision auto)"
     bound = result.bound()
     if bound is not None:
         rate, row = bound

@@ -76,6 +76,16 @@ def chunked(items: Iterable[C], size: int) -> Iterator[list[C]]:
         yield chunk
 
 
+def balanced_chunks(items: Iterable[C], batch_size: int, streams: int) -> Iterator[list[C]]:
+    """Runs of ``batch_size`` items, except that a job smaller than one full round (``streams`` batches)
+    is cut into ``streams`` equal ones, so that every stream gets a share (read one round ahead)."""
+    items = iter(items)
+    head = list(itertools.islice(items, max(streams, 1) * batch_size))
+    if streams >= 2 and len(head) < streams * batch_size:
+        batch_size = max(1, -(-len(head) // streams))
+    return chunked(itertools.chain(head, items), batch_size)
+
+
 def pipelined(chunks: Iterable[C], decode: Callable[[C], B], infer: Callable[[B], R], streams: int = 0,
               ahead: int = 2) -> Iterator[tuple[C, R]]:
     """``(chunk, infer(decode(chunk)))`` for every chunk, in order; see the module docstring for ``streams``.
