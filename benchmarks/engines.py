@@ -174,10 +174,15 @@ def torch_bound(loaded, files: list[str], batch: int, rounds: int) -> dict[str, 
         with torch.inference_mode(), autocast(cpu, precision):
             return model(pipeline.to_batch(batch_pixels[0])).float().argmax(1)
 
-    def end_to_end():
-        list(predict(loaded, files, PredictOptions(batch_size=batch)))
-
     threads = torch.get_num_threads()
+
+    def end_to_end():  # predict sets its streams' share of the threads itself, from the full count
+        torch.set_num_threads(threads)
+        try:
+            list(predict(loaded, files, PredictOptions(batch_size=batch)))
+        finally:
+            torch.set_num_threads(max(1, threads // usable_cpus()))
+
     torch.set_num_threads(max(1, threads // usable_cpus()))  # as predict's streams run
     try:
         return bound_rounds(files, batch, lambda c: collate_images([images[s] for s in c]), infer, end_to_end, rounds)
