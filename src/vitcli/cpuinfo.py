@@ -51,7 +51,7 @@ def has_vnni() -> bool:
 
 
 # bf16 is chosen only where it is native *and* measured faster than fp32 for that engine
-# (benchmarks/engines.py; docs/engines-speed.md has the figures):
+# (benchmarks/engines.py; docs/engines.md, Speed, has the figures):
 # - torch autocast: AMX only. On AVX512-BF16 without AMX (AMD Zen 4) torch's bf16 gains little or
 #   nothing over fp32, not worth the top-1 flips of near-ties.
 # - OpenVINO: AVX512-BF16 or AMX (its bf16 kernels gain on both).
