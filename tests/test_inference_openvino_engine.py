@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import vitcli
 from conftest import TINY_LABELS, make_image, shared
 from vitcli.cli.app import app
 
@@ -196,3 +198,25 @@ def test_openvino_agrees_with_torch_fp32_on_the_shared_photos():
         result = agreement(reference, run_batched(lambda x, c=compiled: c(x)[0], batch))
         assert result["ok"], (precision, result)
         assert result["confident_flips"] == 0 and result["same_top1"] >= 0.98
+
+
+def test_compiling_an_openvino_model_keeps_the_threads_signal_stack():
+    """OpenVINO points the compiling thread's alternate signal stack at memory it frees later; Python's
+    handlers run on that stack, so a later Ctrl-C or SIGTERM crashed with SIGSEGV (pytest itself did)."""
+    script = textwrap.dedent("""
+        import ctypes, faulthandler
+        import torch, timm, openvino as ov
+        from vitcli.inference.openvino_engine import compile_model
+        class S(ctypes.Structure):
+            _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+        def stack():
+            s = S(); ctypes.CDLL(None).sigaltstack(None, ctypes.byref(s)); return (s.sp, s.flags, s.size)
+        faulthandler.enable()  # as pytest does: Python's own alternate stack
+        before = stack()
+        model = timm.create_model("test_vit", pretrained=False).eval()
+        compiled = compile_model(ov.convert_model(model, example_input=torch.zeros(1, 3, 160, 160)))
+        print(before == stack(), before, stack())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(vitcli.__file__).parents[1])})
+    assert out.returncode == 0 and out.stdout.startswith("True"), (out.stdout, out.stderr[-500:])

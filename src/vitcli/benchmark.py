@@ -154,12 +154,15 @@ def _openvino_runner(model: torch.nn.Module, loaded: Any, precision: str) -> Cal
 
     import openvino as ov
 
+    from vitcli.inference.openvino_engine import signal_stack_kept
+
     _, h, w = loaded.data_config["input_size"]
     with warnings.catch_warnings():  # the tracer's warnings about timm's shape checks
         warnings.simplefilter("ignore")
         converted = ov.convert_model(model, example_input=torch.zeros(1, 3, h, w), input=[(-1, 3, h, w)])
-    compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": precision.replace("fp", "f"),
-                                                          "PERFORMANCE_HINT": "LATENCY"})
+    with signal_stack_kept():
+        compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": precision.replace("fp", "f"),
+                                                              "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
     return lambda batch: np.asarray(request.infer([batch])[0], dtype=np.float32)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitcli.errors import MissingExtraError, UsageError
-from vitcli.inference.openvino_engine import compile_model, import_openvino, save_ir
+from vitcli.inference.openvino_engine import compile_model, import_openvino, save_ir, signal_stack_kept
 
 if TYPE_CHECKING:
     import torch
@@ -73,7 +73,7 @@ def quantize_ir(fp32_xml: Path, path: Path, meta: dict, calibration: np.ndarray,
     common = {"model_type": nncf.ModelType.TRANSFORMER, "subset_size": len(items),
               "advanced_parameters": nncf.AdvancedQuantizationParameters(smooth_quant_alpha=-1)}
     notes: list[str] = []
-    with _quiet():
+    with _quiet(), signal_stack_kept():  # NNCF compiles models to collect its statistics
         if target is None:
             say(f"int8: NNCF post-training quantization on {len(items)} calibration images")
             quantized = nncf.quantize(fp32, dataset, **common)

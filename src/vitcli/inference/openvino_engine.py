@@ -9,9 +9,12 @@ the IR's ``rt_info`` under ``vitcli``, one JSON document per key, as ONNX files 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,32 @@ IR_SUFFIX = ".xml"
 RT_INFO_ROOT = "vitcli"  # rt_info section of vitcli's metadata
 INSTALL_HINT = "the OpenVINO engine needs the openvino package: pip install openvino"
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+class _StackT(ctypes.Structure):  # struct stack_t of sigaltstack(2)
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def signal_stack_kept() -> Iterator[None]:
+    """Keep the calling thread's alternate signal stack across a call into OpenVINO or NNCF.
+
+    OpenVINO's CPU plugin (2026.4) points the compiling thread's ``sigaltstack`` at memory of its own
+    and frees it later; the next signal whose handler runs on that stack (Python's handlers do: Ctrl-C,
+    SIGTERM, SIGCHLD) then kills the process with SIGSEGV instead of running the handler. Found with
+    gdb: ``vitcli finetune``'s Ctrl-C test crashed pytest after any test had compiled an OpenVINO model.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        saved = _StackT()
+        ok = libc.sigaltstack(None, ctypes.byref(saved)) == 0
+    except (OSError, AttributeError):  # no sigaltstack (not POSIX): nothing to keep
+        ok = False
+    try:
+        yield
+    finally:
+        if ok:
+            libc.sigaltstack(ctypes.byref(saved), None)
 
 
 def import_openvino() -> Any:
@@ -126,8 +155,9 @@ def compile_config(precision: str, cache_dir: Path | None = None, threads: int |
 def compile_model(model: Any, precision: str = "fp32", cache_dir: Path | None = None) -> Any:
     """An ``openvino.Model`` or an IR path -> a compiled CPU model (blobs kept in ``cache_dir`` if given)."""
     ov = import_openvino()
-    return ov.Core().compile_model(str(model) if isinstance(model, Path) else model, "CPU",
-                                   compile_config(precision, cache_dir))
+    with signal_stack_kept():
+        return ov.Core().compile_model(str(model) if isinstance(model, Path) else model, "CPU",
+                                       compile_config(precision, cache_dir))
 
 
 def export_blob(compiled: Any, path: Path) -> None:
@@ -139,7 +169,8 @@ def export_blob(compiled: Any, path: Path) -> None:
 def import_blob(path: Path, precision: str = "fp32") -> Any:
     """A compiled model back from its blob (made on this CPU, by this OpenVINO, at ``precision``)."""
     ov = import_openvino()
-    return ov.Core().import_model(path.read_bytes(), "CPU", compile_config(precision))
+    with signal_stack_kept():
+        return ov.Core().import_model(path.read_bytes(), "CPU", compile_config(precision))
 
 
 def load_openvino(path: str | Path, precision: str = "fp32", device: str = "cpu") -> OpenVinoModel:
