@@ -9,15 +9,40 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from vitcli.errors import ImageLoadError, ModelLoadError, UsageError
 from vitcli.io.images import load_image
-from vitcli.io.preprocess import preprocess
+from vitcli.io.preprocess import DATA_KEYS, preprocess
 
 Run = Callable[[np.ndarray], np.ndarray]  # float32 (B, 3, H, W) -> float32 logits (B, num_classes)
+
+
+class ExportedModel:
+    """What an exported file's metadata says, for the engines that run one (``OnnxModel``,
+    ``OpenVinoModel``: dataclasses with ``path`` and ``metadata``)."""
+
+    path: Path
+    metadata: dict[str, Any]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.metadata["labels"])
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """timm's data config, as ``vitcli export`` recorded it."""
+        return {k: self.metadata[k] for k in DATA_KEYS if k in self.metadata}
+
+    @property
+    def temperature(self) -> float | None:
+        """The stored calibration temperature (``vitcli calibrate``/``finetune``), None if there is none."""
+        from vitcli.calibration import TEMPERATURE_KEY, checked_temperature
+
+        return checked_temperature(self.metadata.get(TEMPERATURE_KEY), f"the metadata of '{self.path}'")
 
 
 class NumpyModel(Protocol):

@@ -17,7 +17,7 @@ import numpy as np
 
 from vitcli.cpuinfo import usable_cpus
 from vitcli.errors import MissingExtraError, ModelLoadError, UsageError
-from vitcli.io.preprocess import DATA_KEYS
+from vitcli.inference.numpy_predict import ExportedModel
 from vitcli.models.metadata import check_data_config, check_labels, parse_json_value
 
 INSTALL_HINT = 'ONNX support needs the export extra: pip install -e ".[export]"'
@@ -36,28 +36,12 @@ def import_onnxruntime() -> Any:
 
 
 @dataclass
-class OnnxModel:
+class OnnxModel(ExportedModel):
     """An ONNX Runtime session with the labels and preprocessing its file carries."""
 
     session: Any
     path: Path
     metadata: dict[str, Any]
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.metadata["labels"])
-
-    @property
-    def data_config(self) -> dict[str, Any]:
-        """timm's data config, as ``vitcli export`` recorded it."""
-        return {k: self.metadata[k] for k in DATA_KEYS if k in self.metadata}
-
-    @property
-    def temperature(self) -> float | None:
-        """The stored calibration temperature (``vitcli calibrate``/``finetune``), None if there is none."""
-        from vitcli.calibration import TEMPERATURE_KEY, checked_temperature
-
-        return checked_temperature(self.metadata.get(TEMPERATURE_KEY), f"the metadata of '{self.path}'")
 
     @property
     def input_name(self) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from vitcli.errors import MissingExtraError, ModelLoadError, UsageError, first_line
+from vitcli.inference.numpy_predict import ExportedModel
 from vitcli.io.preprocess import DATA_KEYS
 
 IR_SUFFIX = ".xml"
@@ -110,29 +111,13 @@ def check_metadata(meta: dict[str, Any], where: str, num_outputs: int | None = N
 
 
 @dataclass
-class OpenVinoModel:
+class OpenVinoModel(ExportedModel):
     """A compiled OpenVINO model with the labels and preprocessing its IR carries."""
 
     compiled: Any
     path: Path
     metadata: dict[str, Any]
     precision: str = "fp32"
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.metadata["labels"])
-
-    @property
-    def data_config(self) -> dict[str, Any]:
-        """timm's data config, as ``vitcli export`` recorded it."""
-        return {k: self.metadata[k] for k in DATA_KEYS if k in self.metadata}
-
-    @property
-    def temperature(self) -> float | None:
-        """The stored calibration temperature (``vitcli calibrate``/``finetune``), None if there is none."""
-        from vitcli.calibration import TEMPERATURE_KEY, checked_temperature
-
-        return checked_temperature(self.metadata.get(TEMPERATURE_KEY), f"the metadata of '{self.path}'")
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 (B, 3, H, W) -> float32 logits (B, num_classes)."""
