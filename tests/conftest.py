@@ -15,6 +15,31 @@ DEIT_WEIGHTS = SHARED_DATA / "weights" / "deit_tiny_patch16_224.safetensors"
 TINY_LABELS = ["cat", "dog", "bird"]
 
 
+def error_line(result) -> str:
+    """The one ``Error: ...`` line a failed command printed on stderr (and nothing else)."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+def predict_without_torch(argv: list[str]):
+    """``vitcli predict ARGV --json`` in a fresh interpreter; its last stderr line is `EXIT code HEAVY modules`:
+    the torch-free engines (ONNX Runtime, OpenVINO) must import no torch, timm or torchvision."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from vitcli.cli.app import main\n"
+        f"sys.argv = ['vitcli', 'predict', *{argv!r}, '--json']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision'))\n"
+        "print('EXIT', code, 'HEAVY', ','.join(heavy), file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
 def shared(*parts: str) -> Path:
     """A path under ../shared/data, skipping the test cleanly when it is absent."""
     path = SHARED_DATA.joinpath(*parts)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_image
+from conftest import error_line, make_image
 from vitcli.cli.app import app
 
 runner = CliRunner()
@@ -22,12 +22,6 @@ KEYS = {"model", "input_size", "patch_size", "grid", "num_patches", "prefix_toke
 
 def invoke(*args):
     return runner.invoke(app, ["patches", *map(str, args)])
-
-
-def error_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
 
 
 def test_json_has_the_documented_keys_and_the_pngs_exist(tiny_model_dir, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY_LABELS, make_image
+from conftest import TINY_LABELS, error_line, make_image
 from vitcli.cli.app import app
 
 runner = CliRunner()
@@ -16,12 +16,6 @@ runner = CliRunner()
 
 def invoke(*args):
     return runner.invoke(app, ["patches", *map(str, args)])
-
-
-def error_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
 
 
 def test_explain_writes_both_pngs_and_the_aucs_in_json(tiny_model_dir, tmp_path):

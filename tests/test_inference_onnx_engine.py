@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,13 +11,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import TINY_LABELS, make_image
+from conftest import TINY_LABELS, make_image, predict_without_torch
 from vitcli.cli.app import app
 from vitcli.inference.onnx_engine import load_onnx, predict_onnx
 from vitcli.io.preprocess import preprocess
 
 runner = CliRunner()
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -123,16 +120,7 @@ def test_predict_onnx_never_imports_torch_or_timm(tiny_onnx, images, tmp_path, f
             "first argument": [str(tiny_onnx), str(images[0])],
             "--output and --shard": [str(tiny_onnx), str(images[0]), "-o", str(tmp_path / "o.jsonl"),
                                      "--shard", "0/1"]}[form]
-    code = (
-        "import sys\n"
-        "from vitcli.cli.app import main\n"
-        f"sys.argv = ['vitcli', 'predict', *{argv!r}, '--json']\n"
-        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision'))\n"
-        "print('EXIT', code, 'HEAVY', ','.join(heavy), file=sys.stderr)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    proc = predict_without_torch(argv)
     assert proc.stderr.splitlines()[-1].strip() == "EXIT 0 HEAVY", proc.stderr  # no torch, timm or torchvision
     record = json.loads(proc.stdout)
     assert record["error"] is None and record["predictions"][0]["label"] in TINY_LABELS

@@ -14,11 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 import vitcli
-from conftest import TINY_LABELS, make_image, shared
+from conftest import TINY_LABELS, make_image, predict_without_torch, shared
 from vitcli.cli.app import app
 
 runner = CliRunner()
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +104,7 @@ def test_predict_xml_never_imports_torch_or_timm(tiny_ir, images, tmp_path, form
             "first argument": [str(tiny_ir), str(images[0]), str(images[1])],
             "--output and --shard": [str(tiny_ir), str(images[0]), "-o", str(tmp_path / "o.jsonl"),
                                      "--shard", "0/1"]}[form]
-    code = (
-        "import sys\n"
-        "from vitcli.cli.app import main\n"
-        f"sys.argv = ['vitcli', 'predict', *{argv!r}, '--json']\n"
-        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision'))\n"
-        "print('EXIT', code, 'HEAVY', ','.join(heavy), file=sys.stderr)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    proc = predict_without_torch(argv)
     assert proc.stderr.splitlines()[-1].strip() == "EXIT 0 HEAVY", proc.stderr  # no torch, timm or torchvision
     record = json.loads(proc.stdout.splitlines()[0])
     assert record["error"] is None and record["predictions"][0]["label"] in TINY_LABELS
