@@ -182,6 +182,65 @@ def test_a_damaged_entry_is_rebuilt(tiny_model_dir, images, warm_cache):
     assert predict(tiny_model_dir, images[:1], "--backend", "auto").stderr == "openvino fp32, cached\n"
 
 
+def foreign_blob(entry: Path) -> None:
+    """Bytes OpenVINO rejects as the blob, with a manifest whose sizes and SHA-256 match them (an entry
+    from another OpenVINO build or CPU looks like this: whole, and not importable here)."""
+    blob, manifest = entry / "model.blob", entry / "manifest.json"
+    blob.write_bytes(b"a blob compiled by another OpenVINO for another CPU\n" * 64)
+    doc = json.loads(manifest.read_text())
+    doc["files"]["model.blob"] = [blob.stat().st_size, cache.file_digest(blob)]
+    manifest.write_text(json.dumps(doc))
+
+
+def test_a_blob_openvino_cannot_import_is_rebuilt(tiny_model_dir, images, warm_cache):
+    from vitcli.inference.openvino_engine import import_blob
+
+    (entry,) = entries(warm_cache)
+    foreign_blob(entry)
+    key = cache.CacheKey(json.loads((entry / "manifest.json").read_text())["key"])
+    assert cache.read_entry(warm_cache, key).ok  # the checksums pass: only importing tells
+    with pytest.raises(RuntimeError):
+        import_blob(entry / "model.blob")
+
+    result = predict(tiny_model_dir, images, "--backend", "auto")
+
+    assert result.exit_code == 0, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("openvino fp32, built and verified in "), line
+    assert "(a cache entry OpenVINO could not import was rebuilt: " in line, line
+    assert "Exception from" not in line  # OpenVINO's source locations are not the reason
+    rebuilt = cache.read_entry(warm_cache, key)
+    assert rebuilt.ok and import_blob(rebuilt.folder / "model.blob") is not None
+    torch_ = predict(tiny_model_dir, images, "--backend", "torch")
+    np.testing.assert_allclose(probs(result.stdout), probs(torch_.stdout), atol=1e-5)
+    assert predict(tiny_model_dir, images[:1], "--backend", "auto").stderr == "openvino fp32, cached\n"
+
+
+def test_a_rebuilt_blob_that_cannot_import_either_falls_back_to_torch_once(tiny_model_dir, images, warm_cache,
+                                                                           monkeypatch):
+    calls = []
+
+    def reject(path, precision="fp32"):
+        calls.append(path)
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:217:\n"
+                           "[CPU] Cannot import compiled blob: incompatible runtime requirements magic.")
+
+    monkeypatch.setattr(backend, "import_blob", reject)
+    result = predict(tiny_model_dir, images, "--backend", "auto")
+
+    assert result.exit_code == 0, result.stderr
+    why = "[CPU] Cannot import compiled blob: incompatible runtime requirements magic."
+    assert result.stderr == (f"torch: openvino could not import the compiled model it built ({why}) "
+                             f"(a cache entry OpenVINO could not import was rebuilt: {why})\n")
+    assert len(calls) == 2  # the cached blob, then the rebuilt one: no loop
+    torch_ = predict(tiny_model_dir, images, "--backend", "torch")
+    assert probs(result.stdout) == probs(torch_.stdout)  # torch ran
+    forced = predict(tiny_model_dir, images[:1], "--backend", "openvino")
+    assert forced.exit_code == 2
+    assert forced.stderr.startswith(f"Error: --backend openvino cannot run {tiny_model_dir}: OpenVINO could not "
+                                    f"import the compiled model it built ({why}); use --backend torch")
+
+
 def test_two_processes_building_the_same_entry_both_finish(tiny_model_dir, tmp_path, cache_home):
     image = make_image(tmp_path / "a.png")
     command = [sys.executable, "-m", "vitcli", "predict", str(image), "--model", str(tiny_model_dir), "--json",

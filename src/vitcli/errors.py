@@ -5,6 +5,7 @@ Every message says what was wrong and what to do about it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -107,7 +108,14 @@ def note(message: str) -> None:
     warnings.warn(message, VitcliNote, stacklevel=2)
 
 
+_SOURCE_LOCATION = re.compile(r"^(Exception from \S+:\d+:|Check '.*' failed at \S+:\d+:)$")
+
+
 def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (or its type's name): library errors can run to pages."""
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    """The first line of an exception's message (or its type's name): library errors can run to pages.
+
+    OpenVINO's lines that only name a source location ("Exception from src/...cpp:217:") are skipped.
+    """
+    text = [line for line in str(e).strip().splitlines() if line.strip()]
+    said = [line for line in text if not _SOURCE_LOCATION.match(line.strip())]
+    return (said or text or [type(e).__name__])[0]

@@ -197,42 +197,63 @@ def _through_openvino(name: str, weights: str | Path | None, load: Callable[[], 
         how = "cached"
         if entry is None:
             entry, how = _build_entry(root, key, build, precision, notes)
-        if isinstance(entry, Choice):  # built in memory: the cache could not hold it
-            if entry.engine == "openvino":
-                entry.line = _joined(entry.line, notes)
-                return entry
-            if explicit:
-                raise UsageError(f"--backend openvino cannot run {name}: OpenVINO {entry.line}; use --backend torch")
-            refused.append((precision, {"reason": entry.line}))
-            continue
-        if entry.ok or (explicit and entry.has_model):
+        for rebuilt in (False, True):
+            if isinstance(entry, Choice):  # built in memory: the cache could not hold it
+                if entry.engine == "openvino":
+                    entry.line = _joined(entry.line, notes)
+                    return entry
+                if explicit:
+                    raise UsageError(f"--backend openvino cannot run {name}: OpenVINO {entry.line}; "
+                                     "use --backend torch")
+                refused.append((precision, {"reason": entry.line}))
+                break
+            if not (entry.ok or (explicit and entry.has_model)):
+                if explicit:
+                    raise UsageError(f"--backend openvino cannot run {name}: OpenVINO {entry.reason}; "
+                                     "use --backend torch")
+                refused.append((precision, {"reason": entry.reason}))
+                break
+            blob = entry.folder / cache.BLOB_NAME
+            try:
+                compiled = import_blob(blob, precision)
+            except Exception as e:  # a foreign blob: another OpenVINO build or CPU, or garbage that checks out
+                if rebuilt:  # never loop: the entry built just now does not import either
+                    reason = f"could not import the compiled model it built ({first_line(e)})"
+                    if explicit:
+                        raise UsageError(f"--backend openvino cannot run {name}: OpenVINO {reason}; "
+                                         "use --backend torch") from e
+                    refused.append((precision, {"reason": reason}))
+                    break
+                notes.append(f"a cache entry OpenVINO could not import was rebuilt: {first_line(e)}")
+                entry, how = _build_entry(root, key, build, precision, notes, stale=entry.manifest.get("files"))
+                continue
             took = entry.manifest.get("built_s")
             line = (f"openvino {precision}, cached" if how == "cached"
                     else f"openvino {precision}, built and verified in {took:.0f} s")
             if not entry.ok:
                 line = f"openvino {precision} (asked for; it {entry.reason} against torch fp32)"
-            blob = entry.folder / cache.BLOB_NAME
-            model = OpenVinoModel(import_blob(blob, precision), blob, entry.manifest["metadata"], precision)
+            model = OpenVinoModel(compiled, blob, entry.manifest["metadata"], precision)
             notes += [f"{p} {r['reason']}" for p, r in refused]
             return Choice("openvino", precision, _joined(line, notes), openvino=model, loaded=build.loaded)
-        if explicit and not entry.has_model:
-            raise UsageError(f"--backend openvino cannot run {name}: OpenVINO {entry.reason}; use --backend torch")
-        refused.append((precision, {"reason": entry.reason}))
     reasons = "; ".join(f"openvino {p} {r['reason']}" if len(refused) > 1 else f"openvino {r['reason']}"
                         for p, r in refused)
     return Choice("torch", "", _joined(f"torch: {reasons}", notes), loaded=build.loaded)
 
 
 def _build_entry(root: Path, key: cache.CacheKey, build: _Build, precision: str,
-                 notes: list[str]) -> tuple[Any, str]:
+                 notes: list[str], stale: Any = None) -> tuple[Any, str]:
     """Build, verify and store the entry of ``key`` under its lock -> (Entry, "built"), or (the entry
     another process built meanwhile, "cached"), or (a Choice compiled in memory where the cache
-    folder cannot be written)."""
+    folder cannot be written). An entry whose manifest lists the files ``stale`` (one OpenVINO could
+    not import) is discarded first; one another process rebuilt meanwhile is kept."""
     try:
         with cache.build_lock(root, key):
             try:
                 entry = cache.read_entry(root, key)
             except cache.EntryDamaged:
+                cache.discard(root, key)
+                entry = None
+            if entry is not None and stale is not None and entry.manifest.get("files") == stale:
                 cache.discard(root, key)
                 entry = None
             if entry is not None:
