@@ -308,3 +308,30 @@ def test_fp16_torchscript_and_pt2_are_half_precision_and_verified(tiny_model_dir
     for module in (scripted, exported):
         logits = module(batch.half())
         assert logits.dtype == torch.float16 and (logits.float() - reference).abs().max() < 0.25
+
+
+def test_cli_openvino_int8_target_end_to_end_runs_nncf_accuracy_control(tiny_model_dir, tmp_path):
+    """`-f openvino --quantize int8 --int8-target`: NNCF's accuracy control (it was called with
+    quantize()'s keyword for the advanced parameters, and failed with a TypeError)."""
+    from conftest import make_image
+    from vitcli.export.formats import data_config_of
+    from vitcli.export.verify import batch_of, load_readable
+
+    calibration = [make_image(tmp_path / "calib" / f"{i}.jpg", size=(200, 160), seed=70 + i) for i in range(8)]
+    result = runner.invoke(app, ["export", "-m", str(tiny_model_dir), "-f", "openvino", "--quantize", "int8",
+                                 "--int8-target", "1.0", "--calibration", str(tmp_path / "calib"),
+                                 "--min-agreement", "0", "-o", str(tmp_path / "t"), "--json"])
+
+    assert result.exit_code == 0, result.output
+    assert [Path(f["path"]).name for f in json.loads(result.stdout)["files"]] == ["t.xml", "t.int8.xml"]
+    quant = read_metadata("openvino", tmp_path / "t.int8.xml")["quantization"]
+    assert quant["scheme"] == "nncf static, accuracy control" and quant["target"] == 1.0
+    assert quant["calibration_images"] == 8 and quant["calibration_agreement"] == 1.0
+    assert quant["matmuls_int8"] > 0
+    batch = batch_of(load_readable([str(p) for p in calibration]), data_config_of(read_metadata(
+        "openvino", tmp_path / "t.xml")))
+    fp32 = load_exported("openvino", tmp_path / "t.xml")(batch)
+    int8 = load_exported("openvino", tmp_path / "t.int8.xml")(batch)
+    assert (fp32.argmax(1) == int8.argmax(1)).all()
+    assert np.abs(fp32 - int8).max() > 1e-4  # quantized, not the fp32 model again
+    assert "MatMuls kept in floating point" in result.stderr and "target 100.0%" in result.stderr

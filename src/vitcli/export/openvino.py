@@ -70,13 +70,13 @@ def quantize_ir(fp32_xml: Path, path: Path, meta: dict, calibration: np.ndarray,
     fp32 = ov.Core().read_model(str(fp32_xml))
     items = [calibration[i:i + 1] for i in range(len(calibration))]  # NNCF feeds one item per inference
     dataset = nncf.Dataset(items)
-    common = {"model_type": nncf.ModelType.TRANSFORMER, "subset_size": len(items),
-              "advanced_parameters": nncf.AdvancedQuantizationParameters(smooth_quant_alpha=-1)}
+    advanced = nncf.AdvancedQuantizationParameters(smooth_quant_alpha=-1)
+    common = {"model_type": nncf.ModelType.TRANSFORMER, "subset_size": len(items)}
     notes: list[str] = []
     with _quiet(), signal_stack_kept():  # NNCF compiles models to collect its statistics
         if target is None:
             say(f"int8: NNCF post-training quantization on {len(items)} calibration images")
-            quantized = nncf.quantize(fp32, dataset, **common)
+            quantized = nncf.quantize(fp32, dataset, advanced_parameters=advanced, **common)
         else:
             reference = compile_model(fp32)
             labels = [int(np.argmax(reference(x)[0])) for x in items]  # fp32's top-1: agreement is the metric
@@ -89,7 +89,7 @@ def quantize_ir(fp32_xml: Path, path: Path, meta: dict, calibration: np.ndarray,
             say(f"int8: NNCF accuracy control on {len(items)} calibration images (target {target:.1%} agreement)")
             quantized = nncf.quantize_with_accuracy_control(
                 fp32, dataset, validation, validation_fn=agreement, max_drop=max(0.0, 1.0 - target),
-                drop_type=nncf.DropType.ABSOLUTE, **common)
+                drop_type=nncf.DropType.ABSOLUTE, advanced_quantization_parameters=advanced, **common)
     kept = float_matmuls(quantized)
     matmuls = [op.get_friendly_name() for op in quantized.get_ordered_ops() if op.get_type_name() == "MatMul"]
     record: dict[str, Any] = {"scheme": "nncf static" + (", accuracy control" if target is not None else ""),
