@@ -1,13 +1,17 @@
 """Engines side by side on DeiT-Tiny: model-only speed, agreement with torch fp32, and the decode-once bound.
 
-    python benchmarks/engines.py [--repeats 5] [--batch 32] [--no-cli]
+    python benchmarks/engines.py [--repeats 5] [--batch 32] [--no-cli] [--calibration-images 100] [--no-int8]
 
 In one process, with interleaved repeats (a loaded machine slows every engine alike):
-1. model-only img/s at batch 32 for torch fp32, torch bf16 autocast, OpenVINO fp32, OpenVINO bf16
-   and ONNX Runtime fp32 (the file `vitcli export` writes), with ratios to torch fp32;
+1. model-only img/s at batch 32 for torch fp32, torch bf16 autocast, OpenVINO fp32, OpenVINO bf16,
+   OpenVINO int8 (NNCF with accuracy control towards 98% agreement, through `vitcli export`'s code,
+   calibrated on photos of hymenoptera/train; run with its float parts at fp32 as predict runs the
+   file, and at bf16 where that is native) and ONNX Runtime fp32 (the file `vitcli export` writes),
+   with ratios to torch fp32;
 2. top-1 agreement and max |delta prob| with torch fp32 on the photos of ../shared/data (images/ and
-   hymenoptera/), timm's exact eval transform, and the issue's verification rule (the same top-1
-   wherever fp32's top-1 probability is >= 0.5, >= 98% overall, max |delta prob| <= 0.05);
+   hymenoptera/) that int8 was not calibrated on, timm's exact eval transform, and the issue's
+   verification rule (the same top-1 wherever fp32's top-1 probability is >= 0.5, >= 98% overall,
+   max |delta prob| <= 0.05);
 3. the decode-once bound (``vitcli.inference.pipeline.decode_once_bound``) for torch and for
    OpenVINO, each against what the pipeline reaches on hymenoptera/ (in process, start-up excluded);
 4. unless --no-cli, `vitcli predict hymenoptera/` end to end (wall, start-up included) with the
@@ -238,20 +242,53 @@ def cli_runs(folder: Path, repeats: int) -> dict[str, float]:
 # ------------------------------------------------------------------------------------ the run
 
 
-def model_table(loaded, ov_model, batch: int, repeats: int) -> None:
-    """Model-only img/s of every engine, interleaved, and its agreement with torch fp32 on the shared photos."""
+def calibration_photos(count: int) -> list[Path]:
+    """``count`` photos of hymenoptera/train spread over its classes (every k-th in name order)."""
+    train = photos(DATA / "hymenoptera" / "train")
+    step = max(1, len(train) // max(1, count))
+    return train[::step][:count]
+
+
+def openvino_int8_engines(loaded, calibration: list[Path], workdir: Path) -> dict:
+    """OpenVINO int8 through export's code (``vitcli.benchmark_runners.openvino_int8_ir``: NNCF's
+    accuracy control towards 98% top-1 agreement on the calibration photos), compiled with its float
+    parts at fp32 (as `vitcli predict model.int8.xml` runs it) and at bf16 where that is native."""
+    import openvino as ov
+
+    from vitcli.benchmark_runners import openvino_int8_ir
+    from vitcli.export.job import load_exportable
+
+    t0 = time.perf_counter()
+    path = openvino_int8_ir(load_exportable(loaded.name), [str(p) for p in calibration], 0.98, workdir,
+                            lambda msg: print(f"  {msg}"))
+    print(f"  int8 IR built in {time.perf_counter() - t0:.0f} s on {len(calibration)} hymenoptera/train photos")
+    int8 = ov.Core().read_model(str(path))
+    engines = {"openvino int8 (float parts fp32)": openvino_engine(int8, "f32")}
+    if fast_bf16("openvino"):
+        engines["openvino int8 (float parts bf16)"] = openvino_engine(int8, "bf16")
+    return engines
+
+
+def model_table(loaded, ov_model, batch: int, repeats: int, calibration_images: int) -> None:
+    """Model-only img/s of every engine, interleaved, and its agreement with torch fp32 on the shared photos
+    (those int8 was not calibrated on)."""
     import timm
     from PIL import Image
 
     model = loaded.model.eval()
-    paths = photos(DATA / "images") + photos(DATA / "hymenoptera")
+    calibration = calibration_photos(calibration_images)
+    held = set(calibration)
+    paths = [p for p in photos(DATA / "images") + photos(DATA / "hymenoptera") if p not in held]
     transform = timm.data.create_transform(**loaded.data_config, is_training=False)
     inputs = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]).numpy()
-    print(f"{len(paths)} photos from {DATA} (images/, hymenoptera/), timm's exact eval transform")
+    print(f"{len(paths)} photos from {DATA} (images/, hymenoptera/), timm's exact eval transform"
+          + (f"; the {len(calibration)} int8 calibration photos of hymenoptera/train left out" if calibration else ""))
 
     engines = {"torch fp32": torch_engine(model, False), "torch bf16 autocast": torch_engine(model, True),
                "openvino fp32": openvino_engine(ov_model, "f32"), "openvino bf16": openvino_engine(ov_model, "bf16")}
     with tempfile.TemporaryDirectory() as tmp:
+        if calibration:
+            engines.update(openvino_int8_engines(loaded, calibration, Path(tmp)))
         engines["onnxruntime fp32"] = onnx_engine(loaded, Path(tmp))
         reference = probabilities(engines["torch fp32"], inputs, batch)
         checks = {name: agreement(reference, probabilities(run, inputs, batch)) for name, run in engines.items()}
@@ -264,6 +301,9 @@ def model_table(loaded, ov_model, batch: int, repeats: int) -> None:
         c = checks[name]
         print(f"| {name} | {ips:.1f} | {ips / base:.2f}x | {c['top1']:.1%} | {c['confident']:.0%} of "
               f"{c['n_confident']} | {c['max_delta']:.4f} | {'yes' if c['verified'] else 'no'} |")
+    for name in (n for n in speed if n.startswith("openvino int8")):
+        print(f"{name}: {speed[name] / speed['openvino bf16']:.2f}x OpenVINO bf16, "
+              f"{speed[name] / speed['openvino fp32']:.2f}x OpenVINO fp32")
 
 
 def main() -> None:
@@ -275,6 +315,9 @@ def main() -> None:
     parser.add_argument("--bound-images", type=int, default=128, help="hymenoptera photos the bound is measured on")
     parser.add_argument("--no-models", action="store_true", help="skip the model-only table and agreement")
     parser.add_argument("--no-cli", action="store_true", help="skip the `vitcli predict` subprocess runs")
+    parser.add_argument("--no-bound", action="store_true", help="skip the decode-once bound")
+    parser.add_argument("--calibration-images", type=int, default=100,
+                        help="hymenoptera/train photos OpenVINO int8 is calibrated on (0: no int8 rows)")
     args = parser.parse_args()
 
     import openvino
@@ -290,9 +333,14 @@ def main() -> None:
     size = tuple(loaded.data_config["input_size"][1:])
     ov_model = openvino_model(model, size)
     if not args.no_models:
-        model_table(loaded, ov_model, args.batch, args.repeats)
+        model_table(loaded, ov_model, args.batch, args.repeats, args.calibration_images)
 
     hymenoptera = [str(p) for p in photos(DATA / "hymenoptera")]
+    if args.no_bound:
+        if not args.no_cli:
+            print("(--no-bound: the `vitcli predict` runs are skipped too)")
+        print(f"\nend: {load_line()}")
+        return
     files = hymenoptera[:args.bound_images]
     print(f"\ndecode-once bound, {len(files)} photos of hymenoptera/, in process (start-up excluded), decode, model "
           f"and end to end through the same {usable_cpus()} streams, {args.rounds} interleaved rounds (median):")

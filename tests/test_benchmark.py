@@ -152,3 +152,69 @@ def test_cli_benchmark_on_a_cuda_machine_with_the_cpu_only_onnxruntime_skips_tha
     assert [row["backend"] for row in doc["rows"]] == ["torch-fp32"]
     assert "no CUDA provider" in doc["skipped"]["onnxruntime-cuda"]
     assert "install onnxruntime-gpu" in doc["skipped"]["onnxruntime-cuda"]
+
+
+def test_cli_benchmark_openvino_int8_row_calibrated_on_its_own_images(tiny_model_dir, tmp_path):
+    from conftest import make_image
+
+    calibration = tmp_path / "calibration"
+    for i in range(4):
+        make_image(calibration / f"{i}.png", size=(96, 80), seed=100 + i)
+    result = runner.invoke(app, ["benchmark", "-m", str(tiny_model_dir), "-b", "2", "-r", "3", "--warmup", "1",
+                                 "--backends", "torch-fp32,openvino-int8", "--calibration", str(calibration),
+                                 "--json"])
+
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["skipped"] == {}
+    fp32, int8 = doc["rows"]
+    assert int8["backend"] == "openvino-int8" and int8["dtype"] == "int8" and int8["batch_size"] == 2
+    assert int8["images_per_s"] > 0 and 0 < int8["p50_ms"] <= int8["p90_ms"]
+    assert int8["fraction_of_peak"] > 0 and 0 <= int8["top1_agreement"] <= 1
+    assert int8["max_abs_logit"] > 1e-4  # quantized: not the fp32 model's logits
+    assert doc["matmul_gflops"]["int8"] > 0
+    assert "NNCF accuracy control on 4 calibration images (target 98.0% agreement)" in result.stderr
+    if not int8["verified"]:
+        assert doc["fastest"]["backend"] == "torch-fp32"
+
+
+def test_cli_benchmark_without_calibration_skips_openvino_int8_with_the_reason(tiny_model_dir):
+    result = runner.invoke(app, ["benchmark", "-m", str(tiny_model_dir), "-b", "1", "-r", "3", "--warmup", "0",
+                                 "--backends", "torch-fp32,openvino-int8", "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert [row["backend"] for row in doc["rows"]] == ["torch-fp32"]
+    assert doc["skipped"] == {"openvino-int8": "needs --calibration DIR: the images NNCF calibrates on"}
+
+
+def test_cli_benchmark_refuses_calibration_images_that_it_verifies_on(tiny_model_dir, tmp_path):
+    from conftest import make_image
+
+    photos = tmp_path / "photos"
+    make_image(photos / "a.png")
+    result = runner.invoke(app, ["benchmark", "-m", str(tiny_model_dir), "--backends", "openvino-int8",
+                                 "--calibration", str(photos), "--verify-images", str(photos)])
+    assert result.exit_code == 2
+    assert "--calibration and --verify-images share 1 images" in result.stderr
+
+
+@pytest.mark.parametrize("int8_ips, says", [(50.0, True), (150.0, False)])
+def test_cli_benchmark_says_when_openvino_int8_is_not_faster_than_bf16(monkeypatch, int8_ips, says):
+    import vitcli.benchmark
+    from vitcli.benchmark import BenchmarkResult, Row
+
+    def row(backend, ips, verified=True):
+        return Row(backend, backend.split("-")[1], 32, ips, 1.0, 1.0, None, verified, 1.0, 0.0)
+
+    result = BenchmarkResult("m", 1, 1.0, 2, cpu_features(), {}, rows=[
+        row("torch-fp32", 40.0), row("openvino-fp32", 60.0), row("openvino-bf16", 100.0),
+        row("openvino-int8", int8_ips)])
+    monkeypatch.setattr(vitcli.benchmark, "run_benchmark", lambda *args, **kwargs: result)
+
+    out = runner.invoke(app, ["benchmark", "--backends", "torch-fp32"]).stdout
+
+    line = f"OpenVINO int8 is not faster than openvino-bf16 at batch 32 on this CPU ({int8_ips / 100:.2f}x): " \
+           "prefer openvino-bf16 here"
+    assert (line in out) == says, out
+    fastest = "openvino-bf16" if says else "openvino-int8"
+    assert out.strip().splitlines()[-1].startswith(f"fastest verified: {fastest} at batch 32")

@@ -11,7 +11,6 @@ FLOP counter, fused attention off) is shown as a fraction of it.
 from __future__ import annotations
 
 import contextlib
-import copy
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -22,12 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitcli.benchmark_runners import BACKENDS, CUDA_BACKENDS, build_backends, torch_runner
 from vitcli.cpuinfo import cpu_features
 from vitcli.errors import UsageError
 
-BACKENDS = ("torch-fp32", "torch-bf16", "torch-compile", "openvino-fp32", "openvino-bf16", "onnxruntime-fp32",
-            "onnxruntime-int8")
-CUDA_BACKENDS = ("cuda-fp32", "cuda-fp16", "cuda-bf16", "onnxruntime-cuda")
+INT8_TARGET = 0.98  # OpenVINO int8's top-1 agreement with fp32 on the calibration images (issue 15's rule)
 
 
 @dataclass
@@ -131,40 +129,7 @@ def _rate(fn: Callable[[], Any], flops: float, seconds: float, device: str) -> f
     return flops / best / 1e9
 
 
-# ------------------------------------------------------------------------------------ backends
-
-
-def _torch_runner(model: torch.nn.Module, device: str, dtype: torch.dtype | None) -> Callable[[np.ndarray], np.ndarray]:
-    model = model.to(device)
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(batch).to(device)
-        ctx = torch.autocast(device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext()
-        with torch.inference_mode(), ctx:
-            y = model(x).float()
-        return y.cpu().numpy()  # .cpu() waits for a GPU to finish
-
-    return run
-
-
-def _openvino_runner(model: torch.nn.Module, loaded: Any, precision: str) -> Callable[[np.ndarray], np.ndarray]:
-    """OpenVINO's CPU plugin on the model converted from torch (dynamic batch), ``precision`` as its
-    inference-precision hint, one request on every core (LATENCY), as predict compiles it."""
-    import warnings
-
-    import openvino as ov
-
-    from vitcli.inference.openvino_engine import signal_stack_kept
-
-    _, h, w = loaded.data_config["input_size"]
-    with warnings.catch_warnings():  # the tracer's warnings about timm's shape checks
-        warnings.simplefilter("ignore")
-        converted = ov.convert_model(model, example_input=torch.zeros(1, 3, h, w), input=[(-1, 3, h, w)])
-    with signal_stack_kept():
-        compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": precision.replace("fp", "f"),
-                                                              "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-    return lambda batch: np.asarray(request.infer([batch])[0], dtype=np.float32)
+# ------------------------------------------------------------------------------------ the run
 
 
 def predict_default_backend() -> str:
@@ -212,103 +177,16 @@ def decode_rate(loaded: Any, sources: Sequence[str], seconds: float = 1.0) -> fl
         torch.set_num_threads(threads)
 
 
-def _fused(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the exportable model (attention unfused, for the ONNX graph and the FLOP count) with
-    timm's default fused attention back on: the torch rows time what `vitcli predict` runs."""
-    fused = copy.deepcopy(model)
-    for module in fused.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = hasattr(torch.nn.functional, "scaled_dot_product_attention")
-    return fused
-
-
-def build_backends(loaded: Any, names: Sequence[str], workdir: Path, say: Callable[[str], None]
-                   ) -> tuple[dict[str, tuple[str, Callable]], dict[str, str]]:
-    """name -> (matmul dtype, run) for each backend this machine can run; name -> reason for the rest."""
-    from vitcli.cpuinfo import cpu_features as features
-    from vitcli.inference.onnx_engine import onnx_has_cuda
-
-    model = _fused(loaded.model.float().eval())
-    runners: dict[str, tuple[str, Callable]] = {}
-    skipped: dict[str, str] = {}
-    cuda = torch.cuda.is_available()
-    for name in names:
-        if name == "torch-fp32":
-            runners[name] = ("fp32", _torch_runner(model, "cpu", None))
-        elif name == "torch-bf16":
-            if features()["BF16"]:
-                runners[name] = ("bf16", _torch_runner(model, "cpu", torch.bfloat16))
-            else:
-                skipped[name] = ("no native bf16 on this CPU (AVX512-BF16/AMX); emulated bf16 is orders of "
-                                 "magnitude slower")
-        elif name in ("openvino-fp32", "openvino-bf16"):
-            if name == "openvino-bf16" and not features()["BF16"]:
-                skipped[name] = "no native bf16 on this CPU (AVX512-BF16/AMX)"
-                continue
-            runners[name] = (name.removeprefix("openvino-"), _openvino_runner(model, loaded, name[-4:]))
-        elif name == "torch-compile":
-            say("compiling with torch.compile (slow the first time)")
-            runners[name] = ("fp32", _torch_runner(torch.compile(model), "cpu", None))
-        elif name in ("onnxruntime-fp32", "onnxruntime-int8", "onnxruntime-cuda"):
-            if name == "onnxruntime-cuda" and not cuda:
-                skipped[name] = "no CUDA device"
-                continue
-            if name == "onnxruntime-cuda" and not onnx_has_cuda():
-                skipped[name] = ("this ONNX Runtime has no CUDA provider (the CPU-only onnxruntime package); "
-                                 "install onnxruntime-gpu for this row")
-                continue
-            path = _onnx_file(loaded, workdir, int8=name.endswith("int8"), say=say)
-            from vitcli.inference.onnx_engine import load_onnx
-
-            onnx_model = load_onnx(path, device="cuda" if name.endswith("cuda") else "cpu", spin=False)
-            runners[name] = ("int8" if name.endswith("int8") else "fp32", onnx_model.logits)
-        elif name.startswith("cuda-"):
-            if not cuda:
-                skipped[name] = "no CUDA device"
-                continue
-            dtype = {"cuda-fp32": None, "cuda-fp16": torch.float16, "cuda-bf16": torch.bfloat16}[name]
-            if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
-                skipped[name] = "this GPU has no native bf16"
-                continue
-            # a copy: .to() moves a module in place, and the CPU rows keep using this one
-            runners[name] = (name.removeprefix("cuda-"), _torch_runner(copy.deepcopy(model), "cuda", dtype))
-        else:
-            raise UsageError(f"unknown backend '{name}'; choose from {', '.join(BACKENDS + CUDA_BACKENDS)}")
-    return runners, skipped
-
-
-def _onnx_file(loaded: Any, workdir: Path, int8: bool, say: Callable[[str], None]) -> Path:
-    from vitcli.export.formats import export_onnx, quiet_exporters, write_onnx
-    from vitcli.export.job import export_metadata
-    from vitcli.export.options import ExportOptions
-
-    fp32 = workdir / "model.onnx"
-    if not fp32.exists():
-        say("exporting to ONNX")
-        meta = export_metadata(loaded, loaded.name, None, ExportOptions())
-        _, h, w = meta["input_size"]
-        with quiet_exporters():
-            export_onnx(loaded.model, torch.randn(2, 3, h, w), fp32, meta, ExportOptions())
-    if not int8:
-        return fp32
-    import onnx
-
-    from vitcli.export.formats import read_metadata
-    from vitcli.export.quantize import quantize_int8
-
-    path = workdir / "model.int8.onnx"
-    say("quantizing to int8")
-    write_onnx(quantize_int8(onnx.load(str(fp32))), path, read_metadata("onnx", fp32))
-    return path
-
-
-# ------------------------------------------------------------------------------------ the run
-
-
 def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Sequence[int] = (1, 8, 32),
                   repeats: int = 10, warmup: int = 2, backends: Sequence[str] | None = None,
-                  verify_images: Sequence[str] = (), say: Callable[[str], None] | None = None) -> BenchmarkResult:
-    """Time ``name`` on every backend and batch size; see the module docstring."""
+                  verify_images: Sequence[str] = (), say: Callable[[str], None] | None = None,
+                  calibration: Sequence[str] = (), int8_target: float | None = INT8_TARGET) -> BenchmarkResult:
+    """Time ``name`` on every backend and batch size; see the module docstring.
+
+    ``calibration``: the images OpenVINO int8 is calibrated on (as export's ``--calibration``; never
+    the verification images), without which that row is skipped; ``int8_target``: its top-1
+    agreement target for NNCF's accuracy control (None: plain post-training quantization).
+    """
     from vitcli.export.formats import data_config_of
     from vitcli.export.job import export_metadata, load_exportable
     from vitcli.export.options import TOLERANCES, ExportOptions
@@ -319,7 +197,13 @@ def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Seq
         raise UsageError("--batch-sizes must be positive integers, e.g. 1,8,32")
     if repeats < 3:
         raise UsageError("--repeats must be at least 3 (p90 needs several timings)")
+    if int8_target is not None and not 0 < int8_target <= 1:
+        raise UsageError(f"--int8-target {int8_target} must be a fraction in (0, 1], e.g. 0.98")
     names = list(backends) if backends else [*BACKENDS, *CUDA_BACKENDS]
+    if calibration and "openvino-int8" in names:
+        from vitcli.export.job import calibration_sources
+
+        calibration = calibration_sources(calibration, _photo_sources(verify_images))
     say(f"loading {name}")
     loaded = load_exportable(name, weights)
     model = loaded.model.float().eval()
@@ -332,7 +216,7 @@ def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Seq
     result.matmul_gflops["fp32"] = matmul_rate("fp32")
     if cpu_features()["BF16"]:
         result.matmul_gflops["bf16"] = matmul_rate("bf16")
-    if any(n.startswith("onnxruntime") for n in names):
+    if any(n.startswith("onnxruntime") or n.endswith("int8") for n in names):
         with contextlib.suppress(Exception):  # without the export extra the ONNX rows are skipped below
             result.matmul_gflops["int8"] = matmul_rate("int8")
     if torch.cuda.is_available():
@@ -343,14 +227,15 @@ def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Seq
         from vitcli.errors import MissingExtraError
 
         try:
-            runners, result.skipped = build_backends(loaded, names, Path(tmp), say)
+            runners, result.skipped = build_backends(loaded, names, Path(tmp), say, calibration, int8_target)
         except MissingExtraError as e:
             onnx_names = [n for n in names if n.startswith("onnxruntime")]
-            runners, result.skipped = build_backends(loaded, [n for n in names if n not in onnx_names], Path(tmp), say)
+            runners, result.skipped = build_backends(loaded, [n for n in names if n not in onnx_names], Path(tmp),
+                                                     say, calibration, int8_target)
             result.skipped.update(dict.fromkeys(onnx_names, str(e)))
         verify = batch_of(verification_images(verify_images)[0], data_config_of(meta))
         reference = run_batched(runners["torch-fp32"][1] if "torch-fp32" in runners
-                                else _torch_runner(model, "cpu", None), verify, 16)
+                                else torch_runner(model, "cpu", None), verify, 16)
         checks = {}
         result.default_backend = predict_default_backend()
         say("timing predict's decoding")

@@ -18,18 +18,29 @@ def benchmark(
         "--batch-sizes", "-b", help="Comma-separated batch sizes.")] = "1,8,32",
     backends: Annotated[str | None, typer.Option(
         "--backends", help="Comma-separated subset of torch-fp32, torch-bf16, torch-compile, openvino-fp32, "
-                           "openvino-bf16, onnxruntime-fp32, onnxruntime-int8, cuda-fp32, cuda-fp16, cuda-bf16, "
-                           "onnxruntime-cuda (default: all this machine can run).", show_default=False)] = None,
+                           "openvino-bf16, openvino-int8, onnxruntime-fp32, onnxruntime-int8, cuda-fp32, cuda-fp16, "
+                           "cuda-bf16, onnxruntime-cuda (default: all this machine can run).",
+        show_default=False)] = None,
     repeats: Annotated[int, typer.Option("--repeats", "-r", min=3, help="Timed runs per batch size and backend.")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 2,
     verify_images: Annotated[list[str] | None, typer.Option(
         "--verify-images", help="Images (folder, files, glob) to check each backend on (default: generated "
                                 "images, on which int8 agrees less than on photos).", show_default=False)] = None,
+    calibration: Annotated[list[str] | None, typer.Option(
+        "--calibration", help="Images (folder, files, glob) NNCF calibrates the openvino-int8 row on, as for "
+                              "`vitcli export --quantize int8`; never the verification images. Without them "
+                              "that row is skipped.", show_default=False)] = None,
+    int8_target: Annotated[float, typer.Option(
+        "--int8-target", min=0.0, max=1.0,
+        help="The openvino-int8 row's top-1 agreement with fp32 on --calibration images (NNCF's accuracy "
+             "control keeps the layers that hurt most in floating point).")] = 0.98,
     json_out: JsonOpt = False,
 ) -> None:
     """Time a model on every backend this machine can run and name the fastest verified one.
 
     Example: vitcli benchmark -m deit_tiny_patch16_224 --weights deit.safetensors -b 1,32
+
+    With --calibration DIR it also times OpenVINO int8 (NNCF, accuracy-controlled) calibrated on DIR.
 
     Backends take turns within each repeat, so a busy machine slows them alike. Each backend's
     outputs are checked against torch eager fp32 on generated images; only verified ones can win.
@@ -47,7 +58,8 @@ def benchmark(
         with err.status("benchmarking") as status:
             result = run_benchmark(model, weights, sizes, repeats, warmup, names, verify_images or (),
                                    say=lambda msg: (status.update(escape(msg)),
-                                                    err.print(escape(msg), style="dim", highlight=False)))
+                                                    err.print(escape(msg), style="dim", highlight=False)),
+                                   calibration=calibration or (), int8_target=int8_target)
         if json_out:
             import dataclasses
             import json
@@ -97,6 +109,13 @@ def _render(result, out) -> None:
         if int8 is not None and fp32 is not None and int8 <= fp32:
             out.print(f"int8 is not faster than ONNX Runtime fp32 at batch {bs} on this CPU "
                       f"({int8 / fp32:.2f}x): prefer fp32 here", highlight=False)
+        for ov_float in ("openvino-bf16", "openvino-fp32"):  # int8 against the float OpenVINO row it would replace
+            ratio = result.speedup("openvino-int8", bs, baseline=ov_float)
+            if ratio is not None:
+                if ratio <= 1:
+                    out.print(f"OpenVINO int8 is not faster than {ov_float} at batch {bs} on this CPU "
+                              f"({ratio:.2f}x): prefer {ov_float} here", highlight=False)
+                break
     _render_bound(result, out)
     best = result.fastest()
     if best is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -206,14 +206,7 @@ def export_model(name: str, weights: str | Path | None = None, options: ExportOp
         verify_sources = image_sources(options.verify_images, "--verify-images")
     calibration: list[str] = []
     if options.calibration and options.quantize:
-        from vitcli.export.verify import image_sources
-
-        calibration = image_sources(options.calibration, "--calibration")
-        overlap = {Path(s).resolve() for s in calibration} & {Path(s).resolve() for s in verify_sources}
-        if overlap:
-            raise UsageError(f"--calibration and --verify-images share {len(overlap)} images (e.g. "
-                             f"{sorted(overlap)[0]}); calibrate on other images, or agreement is measured on "
-                             "what was tuned for")
+        calibration = calibration_sources(options.calibration, verify_sources)
     say(f"loading {name}")
     loaded = load_exportable(name, weights, options.dynamic_size)
     meta = export_metadata(loaded, name, weights, options)
@@ -248,6 +241,19 @@ def export_model(name: str, weights: str | Path | None = None, options: ExportOp
     if options.verify:
         _verify_all(files, loaded, meta, options, verify_sources, say)
     return ExportResult(files, meta)
+
+
+def calibration_sources(calibration: Sequence[str], verify_sources: Sequence[str]) -> list[str]:
+    """The images of ``--calibration``; a usage error where any of them is also a verification image."""
+    from vitcli.export.verify import image_sources
+
+    sources = image_sources(calibration, "--calibration")
+    overlap = {Path(s).resolve() for s in sources} & {Path(s).resolve() for s in verify_sources}
+    if overlap:
+        raise UsageError(f"--calibration and --verify-images share {len(overlap)} images (e.g. "
+                         f"{sorted(overlap)[0]}); calibrate on other images, or agreement is measured on "
+                         "what was tuned for")
+    return sources
 
 
 def _export_int8(files: list[ExportedFile], meta: dict, options: ExportOptions, calibration: list[str],
