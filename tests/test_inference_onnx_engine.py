@@ -39,11 +39,18 @@ CONFIGS = [
 SIZES = [(320, 240), (240, 320), (57, 91), (182, 182), (400, 90)]  # down- and upscaling, tall, wide, square
 
 
+NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+         "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+         "half": ((0.5,) * 3, (0.5,) * 3)}
+
+
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c['crop_mode']}-{c['interpolation']}-{c['input_size'][1]}")
-def test_preprocess_equals_timms_eval_transform(config):
+def test_preprocess_equals_timms_eval_transform(config, norm):
+    """Bit for bit, every pixel level included (the normalization is a lookup table per channel)."""
     from timm.data import create_transform
 
-    config = {**config, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    config = {**config, "mean": NORMS[norm][0], "std": NORMS[norm][1]}
     transform = create_transform(**config, is_training=False)
     rng = np.random.default_rng(0)
     for width, height in SIZES:

@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -210,3 +213,75 @@ def test_compiling_an_openvino_model_keeps_the_threads_signal_stack():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(Path(vitcli.__file__).parents[1])})
     assert out.returncode == 0 and out.stdout.startswith("True"), (out.stdout, out.stderr[-500:])
+
+
+def test_batches_run_a_stream_each_and_come_back_right_in_any_order(tiny_ir):
+    """``start`` queues on a ring of infer requests (two per stream); results collected late, after
+    their request was reused, or in reverse order are still each batch's own logits."""
+    from vitcli.inference.openvino_engine import load_openvino
+    from vitcli.inference.pipeline import default_streams
+
+    model = load_openvino(tiny_ir)
+    assert model.streams == default_streams()
+    batches = [np.random.default_rng(i).standard_normal((i % 3 + 1, 3, 160, 160)).astype(np.float32)
+               for i in range(2 * model.streams + 3)]  # more than the ring holds
+    expected = [np.asarray(model.compiled(b)[0]) for b in batches]
+    waits = [model.start(b) for b in batches]
+    for wait, want in reversed(list(zip(waits, expected, strict=True))):
+        np.testing.assert_allclose(wait(), want, atol=1e-5)
+    x = np.concatenate(batches)
+    np.testing.assert_allclose(model.logits(x), np.concatenate(expected), atol=1e-5)  # cut into a part per stream
+
+
+class _Request:
+    """An infer request that records which thread uses it (logits: the sum of each image's pixels)."""
+
+    def __init__(self, threads):
+        self.threads, self.x = threads, None
+
+    def set_input_tensor(self, tensor):
+        self.threads.add(threading.get_ident())
+        self.x = np.array(tensor.data)
+
+    def start_async(self):
+        self.threads.add(threading.get_ident())
+
+    def wait(self):
+        self.threads.add(threading.get_ident())
+
+    def get_output_tensor(self, _):
+        self.threads.add(threading.get_ident())
+        return SimpleNamespace(data=self.x.reshape(len(self.x), 3, -1).sum(axis=2))
+
+
+def test_predict_decodes_in_threads_but_enters_openvino_from_one(images, tmp_path):
+    """Two threads each calling ``infer`` on their own request hung one run in four inside OpenVINO's
+    input dispatcher; now decoding runs in threads and every request call stays in the caller's."""
+    from vitcli.inference.numpy_predict import predict_model, predict_numpy
+    from vitcli.inference.openvino_engine import OpenVinoModel
+    from vitcli.io.preprocess import preprocess
+
+    threads: set[int] = set()
+    compiled = SimpleNamespace(get_property=lambda name: {"NUM_STREAMS": 2}[name],
+                               create_infer_request=lambda: _Request(threads))
+    meta = {"labels": ["r", "g", "b"], "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3,
+            "interpolation": "bilinear", "crop_pct": 1.0}
+    model = OpenVinoModel(compiled, tmp_path / "m.xml", meta)
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    sources = [str(p) for p in [*images, tmp_path / "bad.jpg", *images] * 5]
+    decoders: set[str] = set()
+
+    def spy(img, config):
+        decoders.add(threading.current_thread().name)
+        return preprocess(img, config)
+
+    with mock.patch("vitcli.inference.numpy_predict.preprocess", spy):
+        got = list(predict_model(model, sources, top_k=3, batch_size=4, tta=True))
+    want = list(predict_numpy(lambda b: b.reshape(len(b), 3, -1).sum(axis=2), model.labels, model.data_config,
+                              sources, top_k=3, batch_size=4, tta=True))  # one batch after another
+
+    assert threads == {threading.get_ident()}
+    assert any(name.startswith("vitcli-stream") for name in decoders)  # decoding did run in threads
+    assert [(r.source, r.error, [(label.index, round(label.prob, 6)) for label in r.top or []]) for r in got] == \
+        [(r.source, r.error, [(label.index, round(label.prob, 6)) for label in r.top or []]) for r in want]
+    assert sum(r.error is not None for r in got) == 5

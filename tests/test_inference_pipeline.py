@@ -167,3 +167,77 @@ def test_a_job_smaller_than_a_round_is_shared_among_the_streams():
     assert [len(c) for c in balanced_chunks(range(10), 32, 1)] == [10]
     assert [x for c in balanced_chunks(range(7), 4, 3) for x in c] == list(range(7))
 
+
+
+class _Engine:
+    """A background engine for ``overlapped``: ``start`` queues a batch, the call it returns gives
+    ``sum(batch)``; it logs what happens and in which thread, and counts what is queued."""
+
+    def __init__(self):
+        self.log: list[str] = []
+        self.threads: set[int] = set()
+        self.queued = self.most = 0
+
+    def decode(self, chunk):
+        self.log.append(f"decode {chunk[0]}")
+        return chunk
+
+    def start(self, batch):
+        self.threads.add(threading.get_ident())
+        self.log.append(f"start {batch[0]}")
+        self.queued += 1
+        self.most = max(self.most, self.queued)
+
+        def wait():
+            self.threads.add(threading.get_ident())
+            self.log.append(f"wait {batch[0]}")
+            self.queued -= 1
+            return sum(batch)
+        return wait
+
+
+@pytest.mark.parametrize("depth, decoders", [(0, 0), (1, 0), (2, 2), (3, 1)])
+def test_overlapped_keeps_order_and_enters_the_engine_from_the_calling_thread_only(depth, decoders):
+    from vitcli.inference.pipeline import overlapped
+
+    engine = _Engine()
+    out = list(overlapped(chunked(range(23), 4), engine.decode, engine.start, depth=depth, decoders=decoders))
+
+    assert out == [(c, sum(c)) for c in chunked(range(23), 4)]
+    assert engine.threads == {threading.get_ident()}  # OpenVINO's requests: one thread, never several
+    assert engine.queued == 0 and engine.most <= depth + 1
+
+
+def test_overlapped_decodes_the_next_batch_while_the_engine_runs_the_last():
+    from vitcli.inference.pipeline import overlapped
+
+    turns, overlap = _Engine(), _Engine()
+    list(overlapped(chunked(range(3), 1), turns.decode, turns.start, depth=0))
+    list(overlapped(chunked(range(3), 1), overlap.decode, overlap.start, depth=1))
+
+    assert turns.log[:4] == ["decode 0", "start 0", "wait 0", "decode 1"]  # depth 0: one after the other
+    assert overlap.log[:4] == ["decode 0", "start 0", "decode 1", "start 1"]  # batch 0 runs while 1 decodes
+    assert overlap.log.index("wait 0") > overlap.log.index("decode 1")
+
+
+@pytest.mark.parametrize("decoders", [0, 2])
+def test_overlapped_raises_a_failure_at_its_chunk_and_collects_what_it_started(decoders):
+    from vitcli.inference.pipeline import overlapped
+
+    engine = _Engine()
+
+    def decode(chunk):
+        if chunk[0] == 8:
+            raise RuntimeError("bad batch")
+        return engine.decode(chunk)
+
+    got = []
+    with pytest.raises(RuntimeError, match="bad batch"):
+        for chunk, _ in overlapped(chunked(range(20), 4), decode, engine.start, depth=2, decoders=decoders):
+            got.append(chunk[0])
+    assert got == [0, 4] and engine.queued == 0  # nothing after it; nothing left running in the engine
+
+    stream = overlapped(chunked(range(40), 4), engine.decode, engine.start, depth=3)
+    next(stream)
+    stream.close()  # a caller that stops early
+    assert engine.queued == 0

@@ -7,7 +7,6 @@ model's temperature, TTA and top-k are the same code here.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +18,7 @@ from vitcli.io.images import load_image
 from vitcli.io.preprocess import DATA_KEYS, preprocess
 
 Run = Callable[[np.ndarray], np.ndarray]  # float32 (B, 3, H, W) -> float32 logits (B, num_classes)
+Start = Callable[[np.ndarray], Callable[[], np.ndarray]]  # queue a batch -> the call that waits for its logits
 
 
 class ExportedModel:
@@ -44,6 +44,16 @@ class ExportedModel:
 
         return checked_temperature(self.metadata.get(TEMPERATURE_KEY), f"the metadata of '{self.path}'")
 
+    streams = 0  # batches the engine runs in the background at once (0: it runs them in the caller, ``logits``)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def start(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
+        """Queue a batch -> the call that waits for its logits (here: run now, in the caller)."""
+        result = self.logits(batch)
+        return lambda: result
+
 
 class NumpyModel(Protocol):
     """What an exported-file engine offers: its labels, data config, metadata and a batch runner."""
@@ -62,6 +72,11 @@ class NumpyModel(Protocol):
 
     def logits(self, batch: np.ndarray) -> np.ndarray: ...
 
+    @property
+    def streams(self) -> int: ...
+
+    def start(self, batch: np.ndarray) -> Callable[[], np.ndarray]: ...
+
 
 def softmax(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
     """Probabilities (B, C) of logits (B, C), as softmax(logits / T) when a temperature is given."""
@@ -74,24 +89,29 @@ def softmax(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
 
 def predict_model(model: NumpyModel, sources: Iterable[str], top_k: int = 5, batch_size: int = 32,
                   tta: bool = False, calibrated: bool = True) -> Iterator[Any]:
-    """``predict_numpy`` with a model's own runner, labels, preprocessing and (``calibrated``) temperature."""
+    """``predict_numpy`` with a model's own engine, labels, preprocessing and (``calibrated``) temperature."""
     return predict_numpy(model.logits, model.labels, model.data_config, sources, top_k, batch_size, tta,
-                         model.temperature if calibrated else None, f"'{model.path}'")
+                         model.temperature if calibrated else None, f"'{model.path}'", model.start, model.streams)
 
 
 def predict_numpy(run: Run, labels: Sequence[str], config: dict[str, Any], sources: Iterable[str], top_k: int = 5,
                   batch_size: int = 32, tta: bool = False, temperature: float | None = None,
-                  where: str = "the model") -> Iterator[Any]:
+                  where: str = "the model", start: Start | None = None, streams: int = 0) -> Iterator[Any]:
     """Yield one ``vitcli.inference.predict.Prediction`` per source, in order; a bad image yields its error.
 
     Args:
         run: the engine: float32 (B, 3, H, W) -> float32 logits (B, num_classes).
         labels: one name per logit.
         config: timm's data config (input_size, mean, std, interpolation, crop_pct, crop_mode).
-        sources: image paths or URLs, read lazily one batch at a time.
+        sources: image paths or URLs, read lazily a few batches ahead.
         temperature: probabilities are softmax(logits / temperature) when given.
         where: the model's name in errors ("'model.onnx'").
+        start, streams: an engine that runs ``streams`` batches in the background (``start`` queues
+            one and returns the call that waits for its logits): ``streams`` threads then decode
+            ahead while it runs (``inference.pipeline.overlapped``), and a job smaller than one
+            batch per stream is shared among them. Without, decoding and ``run`` take turns.
     """
+    from vitcli.inference.pipeline import balanced_chunks, overlapped
     from vitcli.inference.predict import NOT_A_NUMBER, Label, Prediction
 
     if top_k < 1:
@@ -99,8 +119,14 @@ def predict_numpy(run: Run, labels: Sequence[str], config: dict[str, Any], sourc
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     top_k = min(top_k, len(labels))
-    pending = iter(sources)  # a list, or a lazy stream of millions (vitcli.inference.job)
-    while chunk := list(itertools.islice(pending, batch_size)):
+    if start is None:
+        streams = 0
+
+        def start(batch: np.ndarray) -> Callable[[], np.ndarray]:
+            result = run(batch)
+            return lambda: result
+
+    def decode(chunk: list[str]) -> tuple[np.ndarray | None, list[str | None]]:
         arrays: list[np.ndarray] = []
         errors: list[str | None] = []
         for source in chunk:
@@ -111,11 +137,26 @@ def predict_numpy(run: Run, labels: Sequence[str], config: dict[str, Any], sourc
                 errors.append(e.reason)
             except Exception as e:  # a pathological image the resize chokes on
                 errors.append(f"could not preprocess ({type(e).__name__}: {e})")
-        if arrays:
-            batch = np.stack(arrays)  # (B, 3, H, W)
-            probs = softmax(run(batch), temperature)
-            if tta:
-                probs = (probs + softmax(run(np.ascontiguousarray(batch[..., ::-1])), temperature)) / 2
+        return (np.stack(arrays) if arrays else None), errors  # (B, 3, H, W)
+
+    def scored(decoded: tuple[np.ndarray | None, list[str | None]]) -> Callable[[], Any]:
+        batch, errors = decoded
+        if batch is None:
+            return lambda: (None, errors)
+        plain = start(batch)
+        flipped = start(np.ascontiguousarray(batch[..., ::-1])) if tta else None
+
+        def wait() -> tuple[np.ndarray, list[str | None]]:
+            probs = softmax(plain(), temperature)
+            if flipped is not None:
+                probs = (probs + softmax(flipped(), temperature)) / 2
+            return probs, errors
+        return wait
+
+    # sources: a list, or a lazy stream of millions (vitcli.inference.job)
+    chunks = balanced_chunks(sources, batch_size, streams)
+    for chunk, (probs, errors) in overlapped(chunks, decode, scored, depth=streams, decoders=streams):
+        if probs is not None:
             if probs.shape[1] != len(labels):  # a graph whose class count is not fixed in the file
                 raise ModelLoadError(f"{where} outputs {probs.shape[1]} classes but its metadata has "
                                      f"{len(labels)} labels; export the model again")

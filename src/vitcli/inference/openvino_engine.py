@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,28 +113,95 @@ def check_metadata(meta: dict[str, Any], where: str, num_outputs: int | None = N
 
 @dataclass
 class OpenVinoModel(ExportedModel):
-    """A compiled OpenVINO model with the labels and preprocessing its IR carries."""
+    """A compiled OpenVINO model with the labels and preprocessing its IR carries.
+
+    It is compiled with ``NUM_STREAMS`` streams, one per usable CPU (at most 8), each running one
+    batch on its share of the cores. ``start`` puts a batch on the next infer request and returns
+    the call that waits for its logits, so the caller can decode the next batch meanwhile
+    (``inference.pipeline.overlapped``); ``logits`` cuts one batch into a part per stream. Both
+    are entered from one thread at a time: the infer requests are used from the thread that calls
+    them, never from several at once (two threads calling ``infer`` on their own requests hung one
+    run in four of ``predict hymenoptera/`` inside OpenVINO's input dispatcher).
+    """
 
     compiled: Any
     path: Path
     metadata: dict[str, Any]
     precision: str = "fp32"
+    _ring: list[_Slot] = field(default_factory=list, init=False, repr=False)
+    _next: int = field(default=0, init=False, repr=False)
+
+    @functools.cached_property
+    def streams(self) -> int:
+        """The batches it runs at once (the compiled ``NUM_STREAMS``, at least 1)."""
+        try:
+            return max(1, int(self.compiled.get_property("NUM_STREAMS")))
+        except Exception:  # a plugin or wrapper without the property: one at a time
+            return 1
+
+    def start(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
+        """Start float32 (B, 3, H, W) on the next infer request -> the call that waits for its logits.
+
+        Two infer requests per stream take turns; a request still running an uncollected batch
+        when its turn comes waits for it first and keeps its logits for that batch's wait call.
+        """
+        if not self._ring:
+            self._ring = [_Slot(self.compiled.create_infer_request()) for _ in range(2 * self.streams)]
+        slot = self._ring[self._next]
+        self._next = (self._next + 1) % len(self._ring)
+        return slot.start(np.ascontiguousarray(batch, dtype=np.float32))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (B, 3, H, W) -> float32 logits (B, num_classes)."""
-        out = self.compiled(np.ascontiguousarray(batch, dtype=np.float32))[0]
-        return np.asarray(out, dtype=np.float32)
+        """float32 (B, 3, H, W) -> float32 logits (B, num_classes), the batch cut into a part per stream."""
+        parts = np.array_split(batch, min(self.streams, len(batch))) if len(batch) > 1 else [batch]
+        waits = [self.start(part) for part in parts]
+        return np.concatenate([wait() for wait in waits])
+
+
+class _Slot:
+    """One infer request and the batch it runs; the logits are copied out (the request reuses its buffer)."""
+
+    def __init__(self, request: Any):
+        self.request = request
+        self.running: _Run | None = None
+
+    def start(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
+        import openvino as ov
+
+        self.finish()
+        self.request.set_input_tensor(ov.Tensor(batch, shared_memory=True))
+        self.request.start_async()
+        self.running = run = _Run(batch)
+        return lambda: run.logits if run.logits is not None else self.finish(run)
+
+    def finish(self, run: _Run | None = None) -> Any:
+        """Wait for the running batch and keep its logits with it (-> those logits)."""
+        if self.running is not None:
+            self.request.wait()
+            self.running.logits = np.array(self.request.get_output_tensor(0).data, dtype=np.float32)
+            self.running.batch, self.running = None, None
+        return run.logits if run is not None else None
+
+
+@dataclass
+class _Run:
+    batch: np.ndarray | None  # kept alive while the request reads it (the tensor shares its memory)
+    logits: np.ndarray | None = None
 
 
 def compile_config(precision: str, cache_dir: Path | None = None, threads: int | None = None) -> dict[str, str]:
-    """The CPU plugin's properties: inference precision (fp32 exact, bf16 on native hardware), blob cache."""
+    """The CPU plugin's properties: inference precision (fp32 exact, bf16 on native hardware), one stream
+    per usable CPU (``inference.pipeline.default_streams``) on all of them, the blob cache."""
+    from vitcli.cpuinfo import usable_cpus
+    from vitcli.inference.pipeline import default_streams
+
     if precision not in PRECISION_HINTS:
         raise UsageError(f"--precision {precision} does not run on OpenVINO's CPU plugin; use fp32 or bf16")
-    config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
+    cpus = threads or usable_cpus()
+    config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "NUM_STREAMS": str(default_streams(cpus)),
+              "INFERENCE_NUM_THREADS": str(cpus)}
     if cache_dir is not None:
         config["CACHE_DIR"] = str(cache_dir)
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = str(threads)
     return config
 
 

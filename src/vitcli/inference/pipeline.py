@@ -7,16 +7,20 @@ pipeline can reach is the decode-once bound ``1 / (1/decode_rate + 1/model_rate)
 
 ``pipelined`` runs ``infer(decode(chunk))`` over a stream of chunks in one of three ways:
 
-- ``streams >= 2`` (CPU engines): streams, one thread each, that decode a whole batch and then score
-  it with their share of the cores (torch: ``cores / streams`` threads; OpenVINO: ``NUM_STREAMS``
-  and one infer request per stream, ``HandlePool``; ONNX Runtime: ``cores / streams`` intra-op
-  threads). No core waits for another and none is oversubscribed: the decoding of one stream fills
-  the time another spends in the model. Measured on 2 cores with OpenVINO bf16: 1.02 of the bound,
-  against 0.79 for a decoding thread beside an engine on all the cores (their threads fight over
-  the cores) and 0.86 for no overlap.
+- ``streams >= 2`` (the torch engine on CPUs): streams, one thread each, that decode a whole batch
+  and then score it with their share of the cores (``cores / streams`` threads). No core waits
+  for another and none is oversubscribed: the decoding of one stream fills the time another
+  spends in the model. Measured on 2 cores with OpenVINO bf16: 1.02 of the bound, against 0.79
+  for a decoding thread beside an engine on all the cores (their threads fight over the cores)
+  and 0.86 for no overlap.
 - ``streams == 1`` (an accelerator, or a single core): a producer thread decodes up to ``ahead``
   batches ahead into a bounded queue while the calling thread runs the engine.
 - ``streams == 0``: decode and score in the calling thread, one batch after the other.
+
+``overlapped`` is the same for an engine that runs batches in the background itself (OpenVINO:
+``NUM_STREAMS`` streams, each on its share of the cores, fed through infer requests): decoding
+threads work ahead while the calling thread queues batches and collects their results, so the
+engine is only ever entered from one thread.
 
 Results come in input order, and at most ``ahead`` batches per stream are decoded and not yet
 yielded (bounded memory for inputs of any length). An exception in ``decode`` or ``infer``
@@ -117,6 +121,46 @@ def _in_streams(chunks: Iterator[C], work: Callable[[C], R], streams: int, ahead
             yield chunk, result
     finally:  # also when the caller stops early: queued chunks are dropped, running ones finish
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def overlapped(chunks: Iterable[C], decode: Callable[[C], B], start: Callable[[B], Callable[[], R]],
+               depth: int = 0, decoders: int = 0, ahead: int = 2) -> Iterator[tuple[C, R]]:
+    """``(chunk, start(decode(chunk))())`` for every chunk, in order, for an engine that runs batches
+    in the background (OpenVINO's infer requests): ``start`` queues a batch and returns the call that
+    waits for its result.
+
+    ``start`` and the calls it returns run in this thread only, up to ``depth`` chunks queued at
+    once, while ``decoders`` threads decode up to ``ahead`` chunks each ahead of the engine (0:
+    this thread decodes, between starting one chunk and waiting for the previous one).
+    """
+    if ahead < 1:
+        raise ValueError("ahead must be at least 1")
+    decoded: Iterator[tuple[C, B]] = (_in_streams(iter(chunks), decode, decoders, ahead) if decoders >= 1
+                                      else ((chunk, decode(chunk)) for chunk in chunks))
+    queued: deque[tuple[C, Callable[[], R]]] = deque()
+    failure: Exception | None = None
+    try:
+        while True:
+            try:
+                chunk, batch = next(decoded)
+                queued.append((chunk, start(batch)))
+            except StopIteration:
+                break
+            except Exception as e:  # raised at its chunk's place, after the chunks queued before it
+                failure = e
+                break
+            if len(queued) > depth:
+                chunk, wait = queued.popleft()
+                yield chunk, wait()
+        while queued:
+            chunk, wait = queued.popleft()
+            yield chunk, wait()
+        if failure is not None:
+            raise failure
+    finally:  # the caller stopped early or a chunk failed: let the engine finish what it holds
+        for _, wait in queued:
+            with contextlib.suppress(Exception):
+                wait()
 
 
 _DONE = object()

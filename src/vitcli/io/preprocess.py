@@ -7,6 +7,7 @@ computation of the size an eval transform resizes to; the draft (reduced JPEG) d
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -67,10 +68,25 @@ def preprocess(img: Image.Image, config: dict[str, Any]) -> np.ndarray:
             size = keep_ratio_size(img, (scale_h, scale_w), longest=0.0)
         img = resize(img, size, resample)
         img = center_crop(img, (height, width))
-    x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)  # (H, W, 3), as ToTensor
-    mean = np.asarray(config["mean"], dtype=np.float32)
-    std = np.asarray(config["std"], dtype=np.float32)
-    return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))  # (3, H, W), as Normalize
+    return normalized(np.asarray(img, dtype=np.uint8), config["mean"], config["std"])
+
+
+def normalized(pixels: np.ndarray, mean: Any, std: Any) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (3, H, W): ``ToTensor`` then ``Normalize``, bit for bit.
+
+    Each channel is looked up in a 256-entry table of ``(v / 255 - mean) / std`` computed with
+    the same float32 operations, which is exact and ~3x faster than computing it per pixel.
+    """
+    out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+    for c, table in enumerate(_tables(tuple(float(v) for v in mean), tuple(float(v) for v in std))):
+        np.take(table, pixels[:, :, c], out=out[c])
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    levels = np.arange(256, dtype=np.float32)[None, :] / np.float32(255)  # (1, 256), as ToTensor
+    return (levels - np.asarray(mean, dtype=np.float32)[:, None]) / np.asarray(std, dtype=np.float32)[:, None]
 
 
 def resize(img: Image.Image, size: tuple[int, int], resample: Image.Resampling) -> Image.Image:
