@@ -218,3 +218,27 @@ def test_cli_benchmark_says_when_openvino_int8_is_not_faster_than_bf16(monkeypat
     assert (line in out) == says, out
     fastest = "openvino-bf16" if says else "openvino-int8"
     assert out.strip().splitlines()[-1].startswith(f"fastest verified: {fastest} at batch 32")
+
+
+@pytest.mark.parametrize("backend, torch_free", [("auto", True), ("torch", False)])
+def test_the_bound_times_the_decoding_of_the_engine_predict_runs(monkeypatch, tiny_model_dir, images, backend,
+                                                                 torch_free):
+    """OpenVINO's predict decodes with Pillow and NumPy (timm's exact steps), torch's with its fast path:
+    the bound must time the decoding that predict's default engine really does."""
+    import vitcli.io.preprocess
+    from vitcli import benchmark
+
+    monkeypatch.setenv("VITCLI_BACKEND", backend)
+    numpy_decodes = []
+    real = vitcli.io.preprocess.preprocess
+    monkeypatch.setattr(vitcli.io.preprocess, "preprocess",
+                        lambda img, config: numpy_decodes.append(1) or real(img, config))
+    asked = []
+    rate = benchmark.decode_rate
+    monkeypatch.setattr(benchmark, "decode_rate", lambda *a, **k: asked.append(k["torch_free"]) or rate(*a, **k))
+
+    result = run_benchmark(str(tiny_model_dir), batch_sizes=(1,), repeats=3, warmup=0, backends=["torch-fp32"],
+                           verify_images=[str(p) for p in images])
+
+    assert asked == [torch_free] and result.decode_images_per_s > 0
+    assert bool(numpy_decodes) == torch_free

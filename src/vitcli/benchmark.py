@@ -149,27 +149,36 @@ def predict_default_backend() -> str:
     return "onnxruntime-fp32" if backend == "onnxruntime" else f"torch-{precision}"
 
 
-def decode_rate(loaded: Any, sources: Sequence[str], seconds: float = 1.0) -> float | None:
-    """Images per second that predict's decoding and preprocessing (the fast path, per-core streams,
-    one torch thread each) reach on ``sources``, repeated for about ``seconds``; None without sources."""
+def decode_rate(loaded: Any, sources: Sequence[str], seconds: float = 1.0, torch_free: bool = False) -> float | None:
+    """Images per second that predict's decoding and preprocessing reach on ``sources`` through per-core
+    streams, repeated for about ``seconds``; None without sources. The torch engine's path (the fast
+    path, one torch thread per stream), or with ``torch_free`` the OpenVINO and ONNX Runtime one
+    (Pillow and NumPy: timm's exact steps, ``io.preprocess``)."""
     from vitcli.cpuinfo import usable_cpus
     from vitcli.inference.batching import SourceImages, collate_images
     from vitcli.inference.pipeline import chunked, pipelined
-    from vitcli.io.preprocess import draft_size_for
+    from vitcli.io.images import load_image
+    from vitcli.io.preprocess import draft_size_for, preprocess
     from vitcli.io.transforms import eval_pipeline
 
     if not sources:
         return None
-    pipeline = eval_pipeline(loaded.data_config, fast=True)
-    images = SourceImages(pipeline.per_image, draft_size_for(loaded.data_config), pipeline.load)
+    if torch_free:
+        def decode(chunk: list[str]) -> Any:
+            return np.stack([preprocess(load_image(s), loaded.data_config) for s in chunk])
+    else:
+        pipeline = eval_pipeline(loaded.data_config, fast=True)
+        images = SourceImages(pipeline.per_image, draft_size_for(loaded.data_config), pipeline.load)
+
+        def decode(chunk: list[str]) -> Any:
+            return collate_images([images[s] for s in chunk])
     streams, threads = usable_cpus(), torch.get_num_threads()
     per_round = list(sources) * max(1, -(-8 * streams // len(sources)))  # a few images per stream
     torch.set_num_threads(1)
     try:
         done, start = 0, time.perf_counter()
         while done == 0 or time.perf_counter() - start < seconds:
-            for _ in pipelined(chunked(per_round, 4), lambda c: collate_images([images[s] for s in c]),
-                               lambda b: None, streams=streams):
+            for _ in pipelined(chunked(per_round, 4), decode, lambda b: None, streams=streams):
                 pass
             done += len(per_round)
         return done / (time.perf_counter() - start)
@@ -239,7 +248,8 @@ def run_benchmark(name: str, weights: str | Path | None = None, batch_sizes: Seq
         checks = {}
         result.default_backend = predict_default_backend()
         say("timing predict's decoding")
-        result.decode_images_per_s = decode_rate(loaded, _photo_sources(verify_images))
+        result.decode_images_per_s = decode_rate(loaded, _photo_sources(verify_images),
+                                                 torch_free=result.default_backend.startswith(("openvino", "onnx")))
         for backend, (dtype, run) in runners.items():
             tolerance = TOLERANCES["int8" if dtype == "int8" else "fp32" if dtype == "fp32" else "fp16"]
             checks[backend] = compare(reference, run_batched(run, verify, 16), tolerance)

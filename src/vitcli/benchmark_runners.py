@@ -42,22 +42,19 @@ def torch_runner(model: torch.nn.Module, device: str, dtype: torch.dtype | None)
 
 def openvino_runner(model: torch.nn.Module, loaded: Any, precision: str) -> Runner:
     """OpenVINO's CPU plugin on the model converted from torch (dynamic batch), ``precision`` as its
-    inference-precision hint, one request on every core (LATENCY), as predict compiles it."""
+    inference-precision hint, compiled and run as predict runs it (``OpenVinoModel``: a stream per
+    usable CPU, each batch cut into a part per stream)."""
     import warnings
 
     import openvino as ov
 
-    from vitcli.inference.openvino_engine import signal_stack_kept
+    from vitcli.inference.openvino_engine import OpenVinoModel, compile_model
 
     _, h, w = loaded.data_config["input_size"]
     with warnings.catch_warnings():  # the tracer's warnings about timm's shape checks
         warnings.simplefilter("ignore")
         converted = ov.convert_model(model, example_input=torch.zeros(1, 3, h, w), input=[(-1, 3, h, w)])
-    with signal_stack_kept():
-        compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": precision.replace("fp", "f"),
-                                                              "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-    return lambda batch: np.asarray(request.infer([batch])[0], dtype=np.float32)
+    return OpenVinoModel(compile_model(converted, precision), Path("<memory>"), {}, precision).logits
 
 
 def openvino_int8_ir(loaded: Any, calibration: Sequence[str], target: float | None, workdir: Path,
@@ -86,13 +83,11 @@ def openvino_int8_ir(loaded: Any, calibration: Sequence[str], target: float | No
 
 def openvino_int8_runner(loaded: Any, calibration: Sequence[str], target: float | None, workdir: Path,
                          say: Callable[[str], None]) -> Runner:
-    """The int8 IR (``openvino_int8_ir``) run as predict runs that file: float parts at fp32, one request
-    on every core."""
-    from vitcli.inference.openvino_engine import compile_model
+    """The int8 IR (``openvino_int8_ir``) run as predict runs that file: float parts at fp32, a stream
+    per usable CPU (``OpenVinoModel``)."""
+    from vitcli.inference.openvino_engine import load_openvino
 
-    path = openvino_int8_ir(loaded, calibration, target, workdir, say)
-    request = compile_model(path, "fp32").create_infer_request()
-    return lambda batch: np.asarray(request.infer([batch])[0], dtype=np.float32)
+    return load_openvino(openvino_int8_ir(loaded, calibration, target, workdir, say), "fp32").logits
 
 
 def _fused(model: torch.nn.Module) -> torch.nn.Module:
