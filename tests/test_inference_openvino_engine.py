@@ -285,3 +285,20 @@ def test_predict_decodes_in_threads_but_enters_openvino_from_one(images, tmp_pat
     assert [(r.source, r.error, [(label.index, round(label.prob, 6)) for label in r.top or []]) for r in got] == \
         [(r.source, r.error, [(label.index, round(label.prob, 6)) for label in r.top or []]) for r in want]
     assert sum(r.error is not None for r in got) == 5
+
+
+@pytest.mark.parametrize("cpus, local_world, streams, threads", [(2, None, 2, 2), (16, None, 8, 16), (1, None, 1, 1),
+                                                                  (8, "2", 4, 4), (2, "4", 1, 1)])
+def test_compiled_with_a_stream_per_cpu_shared_among_torchrun_processes(monkeypatch, cpus, local_world, streams,
+                                                                        threads):
+    from vitcli.inference import openvino_engine
+
+    monkeypatch.setattr("vitcli.cpuinfo.usable_cpus", lambda: cpus)
+    for name, value in {"WORLD_SIZE": local_world, "LOCAL_WORLD_SIZE": local_world, "RANK": "0"}.items():
+        if local_world:
+            monkeypatch.setenv(name, value)
+        else:
+            monkeypatch.delenv(name, raising=False)
+    config = openvino_engine.compile_config("bf16")
+    assert (config["NUM_STREAMS"], config["INFERENCE_NUM_THREADS"]) == (str(streams), str(threads))
+    assert config["INFERENCE_PRECISION_HINT"] == "bf16"

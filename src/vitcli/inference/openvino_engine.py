@@ -191,13 +191,15 @@ class _Run:
 
 def compile_config(precision: str, cache_dir: Path | None = None, threads: int | None = None) -> dict[str, str]:
     """The CPU plugin's properties: inference precision (fp32 exact, bf16 on native hardware), one stream
-    per usable CPU (``inference.pipeline.default_streams``) on all of them, the blob cache."""
+    per CPU (``inference.pipeline.default_streams``) on all of them, the blob cache. The CPUs are this
+    process's usable ones shared among the processes torchrun runs on this machine."""
     from vitcli.cpuinfo import usable_cpus
+    from vitcli.distributed import torchrun_rank
     from vitcli.inference.pipeline import default_streams
 
     if precision not in PRECISION_HINTS:
         raise UsageError(f"--precision {precision} does not run on OpenVINO's CPU plugin; use fp32 or bf16")
-    cpus = threads or usable_cpus()
+    cpus = threads or max(1, usable_cpus() // max(1, torchrun_rank().local_world))
     config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "NUM_STREAMS": str(default_streams(cpus)),
               "INFERENCE_NUM_THREADS": str(cpus)}
     if cache_dir is not None:
