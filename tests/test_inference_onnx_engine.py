@@ -134,7 +134,7 @@ def test_predict_onnx_never_imports_torch_or_timm(tiny_onnx, images, tmp_path, f
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--weights", "w.safetensors"), ("--precision", "bf16"),
-                                             ("--workers", "2"), ("--exact-decode", None)])
+                                             ("--workers", "2")])
 def test_options_that_mean_nothing_for_an_onnx_file_are_usage_errors(tiny_onnx, images, flag, value):
     result = runner.invoke(app, ["predict", str(tiny_onnx), str(images[0]), flag, *([value] if value else [])])
 

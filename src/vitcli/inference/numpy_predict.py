@@ -15,7 +15,7 @@ import numpy as np
 
 from vitcli.errors import ImageLoadError, ModelLoadError, UsageError
 from vitcli.io.images import load_image
-from vitcli.io.preprocess import DATA_KEYS, preprocess
+from vitcli.io.preprocess import DATA_KEYS, draft_size_for, preprocess
 
 Run = Callable[[np.ndarray], np.ndarray]  # float32 (B, 3, H, W) -> float32 logits (B, num_classes)
 Start = Callable[[np.ndarray], Callable[[], np.ndarray]]  # queue a batch -> the call that waits for its logits
@@ -88,15 +88,17 @@ def softmax(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
 
 
 def predict_model(model: NumpyModel, sources: Iterable[str], top_k: int = 5, batch_size: int = 32,
-                  tta: bool = False, calibrated: bool = True) -> Iterator[Any]:
+                  tta: bool = False, calibrated: bool = True, fast_decode: bool = True) -> Iterator[Any]:
     """``predict_numpy`` with a model's own engine, labels, preprocessing and (``calibrated``) temperature."""
     return predict_numpy(model.logits, model.labels, model.data_config, sources, top_k, batch_size, tta,
-                         model.temperature if calibrated else None, f"'{model.path}'", model.start, model.streams)
+                         model.temperature if calibrated else None, f"'{model.path}'", model.start, model.streams,
+                         fast_decode)
 
 
 def predict_numpy(run: Run, labels: Sequence[str], config: dict[str, Any], sources: Iterable[str], top_k: int = 5,
                   batch_size: int = 32, tta: bool = False, temperature: float | None = None,
-                  where: str = "the model", start: Start | None = None, streams: int = 0) -> Iterator[Any]:
+                  where: str = "the model", start: Start | None = None, streams: int = 0,
+                  fast_decode: bool = False) -> Iterator[Any]:
     """Yield one ``vitcli.inference.predict.Prediction`` per source, in order; a bad image yields its error.
 
     Args:
@@ -110,6 +112,9 @@ def predict_numpy(run: Run, labels: Sequence[str], config: dict[str, Any], sourc
             one and returns the call that waits for its logits): ``streams`` threads then decode
             ahead while it runs (``inference.pipeline.overlapped``), and a job smaller than one
             batch per stream is shared among them. Without, decoding and ``run`` take turns.
+        fast_decode: libjpeg decodes large JPEGs at a reduced DCT scale, never below the size the
+            resize needs (``io.preprocess.draft_size_for``; as torch's predict does by default);
+            else every pixel is decoded and the result equals timm's eval transform exactly.
     """
     from vitcli.inference.pipeline import balanced_chunks, overlapped
     from vitcli.inference.predict import NOT_A_NUMBER, Label, Prediction
@@ -119,6 +124,7 @@ def predict_numpy(run: Run, labels: Sequence[str], config: dict[str, Any], sourc
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     top_k = min(top_k, len(labels))
+    draft = draft_size_for(config) if fast_decode else None
     if start is None:
         streams = 0
 
@@ -131,7 +137,7 @@ def predict_numpy(run: Run, labels: Sequence[str], config: dict[str, Any], sourc
         errors: list[str | None] = []
         for source in chunk:
             try:
-                arrays.append(preprocess(load_image(source), config))
+                arrays.append(preprocess(load_image(source, draft), config))
                 errors.append(None)
             except ImageLoadError as e:
                 errors.append(e.reason)

@@ -118,7 +118,7 @@ def numpy_predictor(model: Any, options: PredictOptions) -> Predictor:
     from vitcli.inference.numpy_predict import predict_model
 
     return lambda sources: predict_model(model, sources, options.top_k, options.batch_size, options.tta,
-                                         options.calibrated)
+                                         options.calibrated, options.fast_decode)
 
 
 def check_onnx_options(options: PredictOptions, weights: Path | None, model: str = ".onnx",
@@ -132,12 +132,11 @@ def check_onnx_options(options: PredictOptions, weights: Path | None, model: str
     precisions = ("auto", "fp32", "bf16") if xml else ("auto",)
     given = [name for name, on in (("--weights", weights is not None),
                                    ("--precision", options.precision not in precisions),
-                                   ("--workers", options.workers is not None),
-                                   ("--exact-decode", not options.fast_decode)) if on]
+                                   ("--workers", options.workers is not None)) if on]
     if given:
         kind = "an OpenVINO .xml" if xml else "an .onnx"
         raise UsageError(f"{', '.join(given)} do(es) not apply to {kind} model: its weights, precision and "
-                         "preprocessing (always the exact path) are fixed by `vitcli export`; leave them out")
+                         "preprocessing are fixed by `vitcli export`; leave them out")
 
 
 # --------------------------------------------------------------------------------------- jobs
