@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -339,3 +340,31 @@ def test_jpegs_are_decoded_at_a_reduced_scale_unless_exact_decode(tiny_ir, tiny_
         assert a["source"] == b["source"]
         probs = {p["index"]: p["prob"] for p in b["predictions"]}
         assert all(abs(p["prob"] - probs[p["index"]]) < 0.05 for p in a["predictions"])
+
+
+def test_callers_in_several_threads_take_turns_in_openvino(tmp_path):
+    """evaluate's per-core streams call ``logits`` from two threads: calls into OpenVINO never overlap,
+    and each caller gets its own batch's logits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vitcli.inference.openvino_engine import OpenVinoModel
+
+    inside, most = [0], [0]
+
+    class Slow(_Request):
+        def set_input_tensor(self, tensor):
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            time.sleep(0.002)  # a window for another thread to enter
+            super().set_input_tensor(tensor)
+            inside[0] -= 1
+
+    compiled = SimpleNamespace(get_property=lambda name: {"NUM_STREAMS": 2}[name],
+                               create_infer_request=lambda: Slow(set()))
+    model = OpenVinoModel(compiled, tmp_path / "m.xml", {})
+    batches = [np.full((3, 3, 4, 4), i, dtype=np.float32) for i in range(40)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(model.logits, batches))
+    assert most[0] == 1
+    for i, logits in enumerate(got):
+        np.testing.assert_array_equal(logits, np.full((3, 3), 16.0 * i))

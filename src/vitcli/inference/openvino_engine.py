@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +122,8 @@ class OpenVinoModel(ExportedModel):
     (``inference.pipeline.overlapped``); ``logits`` cuts one batch into a part per stream. Both
     are entered from one thread at a time: the infer requests are used from the thread that calls
     them, never from several at once (two threads calling ``infer`` on their own requests hung one
-    run in four of ``predict hymenoptera/`` inside OpenVINO's input dispatcher).
+    run in four of ``predict hymenoptera/`` inside OpenVINO's input dispatcher). Callers in several
+    threads (evaluate's per-core streams) take turns: one lock covers every call into OpenVINO.
     """
 
     compiled: Any
@@ -130,6 +132,7 @@ class OpenVinoModel(ExportedModel):
     precision: str = "fp32"
     _ring: list[_Slot] = field(default_factory=list, init=False, repr=False)
     _next: int = field(default=0, init=False, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
 
     @functools.cached_property
     def streams(self) -> int:
@@ -145,17 +148,24 @@ class OpenVinoModel(ExportedModel):
         Two infer requests per stream take turns; a request still running an uncollected batch
         when its turn comes waits for it first and keeps its logits for that batch's wait call.
         """
-        if not self._ring:
-            self._ring = [_Slot(self.compiled.create_infer_request()) for _ in range(2 * self.streams)]
-        slot = self._ring[self._next]
-        self._next = (self._next + 1) % len(self._ring)
-        return slot.start(np.ascontiguousarray(batch, dtype=np.float32))
+        with self._lock:
+            if not self._ring:
+                self._ring = [_Slot(self.compiled.create_infer_request()) for _ in range(2 * self.streams)]
+            slot = self._ring[self._next]
+            self._next = (self._next + 1) % len(self._ring)
+            wait = slot.start(np.ascontiguousarray(batch, dtype=np.float32))
+
+        def locked() -> np.ndarray:
+            with self._lock:
+                return wait()
+        return locked
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 (B, 3, H, W) -> float32 logits (B, num_classes), the batch cut into a part per stream."""
         parts = np.array_split(batch, min(self.streams, len(batch))) if len(batch) > 1 else [batch]
-        waits = [self.start(part) for part in parts]
-        return np.concatenate([wait() for wait in waits])
+        with self._lock:
+            waits = [self.start(part) for part in parts]
+            return np.concatenate([wait() for wait in waits])
 
 
 class _Slot:
