@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY_LABELS, make_image, predict_without_torch
 from vitcli.cli.app import app
+from vitcli.cpuinfo import usable_cpus
 from vitcli.inference.onnx_engine import load_onnx, predict_onnx
 from vitcli.io.preprocess import preprocess
 
@@ -170,3 +171,36 @@ def test_cuda_n_picks_that_gpu_and_auto_takes_cuda_only_where_the_runtime_has_it
         providers("mps")
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert providers("auto") == ["CPUExecutionProvider"]
+
+
+def test_on_the_cpu_batches_run_a_stream_each_and_predictions_do_not_change(tiny_onnx, tmp_path):
+    """Two streams (each on its share of the intra-op threads) score batches at once while the next
+    ones decode; the records equal those of one batch at a time."""
+    import threading
+
+    from vitcli.inference.numpy_predict import predict_model
+
+    photos = [str(make_image(tmp_path / f"p{i}.jpg", size=(90, 70), seed=i)) for i in range(13)]
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    photos.insert(5, str(tmp_path / "bad.jpg"))
+    one = load_onnx(tiny_onnx, "cpu", streams=0)
+    two = load_onnx(tiny_onnx, "cpu", streams=2)
+    assert (one.streams, two.streams) == (0, 2)
+    assert two.session.get_session_options().intra_op_num_threads == max(1, usable_cpus() // 2)
+    threads, real_run = set(), two.run
+
+    def run(batch):
+        threads.add(threading.current_thread().name)
+        return real_run(batch)
+
+    two.run = run
+    for tta in (False, True):
+        a = list(predict_model(one, photos, top_k=3, batch_size=3, tta=tta))
+        b = list(predict_model(two, photos, top_k=3, batch_size=3, tta=tta))
+        assert [(r.source, r.error) for r in a] == [(r.source, r.error) for r in b] and b[5].error
+        for ra, rb in zip(a, b, strict=True):
+            assert [x.index for x in ra.top or []] == [x.index for x in rb.top or []]
+            np.testing.assert_allclose([x.prob for x in ra.top or []], [x.prob for x in rb.top or []], atol=1e-6)
+    assert threads and all(name.startswith("vitcli-onnx") for name in threads)  # never the caller's thread
+    x = np.random.default_rng(0).standard_normal((5, 3, 160, 160)).astype(np.float32)
+    np.testing.assert_allclose(two.logits(x), one.logits(x), atol=1e-5)  # a part per stream

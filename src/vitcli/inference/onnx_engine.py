@@ -8,8 +8,9 @@ PIL images, so the pixels fed to the network equal timm's exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,19 @@ def import_onnxruntime() -> Any:
 
 @dataclass
 class OnnxModel(ExportedModel):
-    """An ONNX Runtime session with the labels and preprocessing its file carries."""
+    """An ONNX Runtime session with the labels and preprocessing its file carries.
+
+    On the CPU it runs ``streams`` batches at once (one per usable CPU, each on its share of the
+    intra-op threads: ``session.run`` is safe to call concurrently), as OpenVINO's streams do:
+    ``start`` hands a batch to a stream and returns the call that waits for its logits, so predict
+    decodes the next batches meanwhile; ``logits`` cuts one batch into a part per stream.
+    """
 
     session: Any
     path: Path
     metadata: dict[str, Any]
+    streams: int = 0  # 0: every call runs in the caller, on all the intra-op threads
+    _pool: Any = field(default=None, init=False, repr=False)
 
     @property
     def input_name(self) -> str:
@@ -51,10 +60,25 @@ class OnnxModel(ExportedModel):
     def input_dtype(self) -> Any:
         return np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (B, 3, H, W) -> float32 logits (B, num_classes)."""
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (B, 3, H, W) -> float32 logits (B, num_classes), in the calling thread."""
         out = self.session.run(None, {self.input_name: batch.astype(self.input_dtype, copy=False)})[0]
         return out.astype(np.float32, copy=False)
+
+    def start(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
+        """Hand a batch to the next free stream -> the call that waits for its logits."""
+        if self.streams < 2:
+            return super().start(batch)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="vitcli-onnx")
+        return self._pool.submit(self.run, batch).result
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (B, 3, H, W) -> float32 logits (B, num_classes), the batch cut into a part per stream."""
+        if self.streams < 2 or len(batch) < 2:
+            return self.run(batch)
+        waits = [self.start(part) for part in np.array_split(batch, min(self.streams, len(batch)))]
+        return np.concatenate([wait() for wait in waits])
 
 
 def read_metadata(session: Any, where: str = "model") -> dict[str, Any]:
@@ -102,22 +126,34 @@ def providers(device: str = "auto") -> list[Any]:
     return [*chosen, "CPUExecutionProvider"]
 
 
-def load_onnx(path: str | Path, device: str = "auto", threads: int | None = None, spin: bool = True) -> OnnxModel:
-    """Open an exported ``.onnx`` file; its metadata must carry labels and a data config."""
+def load_onnx(path: str | Path, device: str = "auto", threads: int | None = None, spin: bool = True,
+              streams: int | None = None) -> OnnxModel:
+    """Open an exported ``.onnx`` file; its metadata must carry labels and a data config.
+
+    ``threads``: the CPU threads in all (default: the usable CPUs, shared among torchrun's processes on
+    this machine); ``streams``: batches run at once on the CPU, each on ``threads // streams`` of them
+    (default: one per CPU, at most 8; ``inference.pipeline.default_streams``). On CUDA, one at a time.
+    """
+    from vitcli.distributed import torchrun_rank
+    from vitcli.inference.pipeline import default_streams
+
     ort = import_onnxruntime()
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"ONNX file '{path}' does not exist")
     chosen = providers(device)  # a device this runtime cannot use is a usage error, raised as it is
+    threads = threads or max(1, usable_cpus() // max(1, torchrun_rank().local_world))
+    streams = 0 if chosen[0] != "CPUExecutionProvider" else default_streams(threads) if streams is None else streams
     try:
-        session = ort.InferenceSession(str(path), session_options(threads, spin), providers=chosen)
+        session = ort.InferenceSession(str(path), session_options(max(1, threads // max(1, streams)), spin),
+                                       providers=chosen)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise ModelLoadError(f"'{path}' is not a loadable ONNX model ({str(e).strip().splitlines()[0]})") from e
     meta = read_metadata(session, f"'{path}'")
     if not {"labels", "input_size", "mean", "std"} <= meta.keys():
         raise ModelLoadError(f"'{path}' has no vitcli metadata (labels, input_size, mean, std); "
                              "export it with `vitcli export`, which writes them into the file")
-    model = OnnxModel(session, path, meta)
+    model = OnnxModel(session, path, meta, streams if streams >= 2 else 0)
     inputs, outputs = session.get_inputs()[0].shape, session.get_outputs()[0].shape  # (B, C, H, W), (B, classes)
     check_data_config(model.data_config, f"'{path}'", inputs[2:] if len(inputs) == 4 else None)
     check_labels(meta["labels"], f"'{path}'", outputs[-1] if len(outputs) == 2 else None)
