@@ -4,7 +4,7 @@
 
 In one process, with interleaved repeats (a loaded machine slows every engine alike):
 1. model-only img/s at batch 32 for torch fp32, torch bf16 autocast, OpenVINO fp32, OpenVINO bf16,
-   OpenVINO int8 (NNCF with accuracy control towards 98% agreement, through `vitcli export`'s code,
+   OpenVINO int8 (NNCF with accuracy control towards --int8-target agreement, through `vitcli export`'s code,
    calibrated on photos of hymenoptera/train; run with its float parts at fp32 as predict runs the
    file, and at bf16 where that is native) and ONNX Runtime fp32 (the file `vitcli export` writes),
    with ratios to torch fp32;
@@ -255,9 +255,9 @@ def calibration_photos(count: int) -> list[Path]:
     return train[::step][:count]
 
 
-def openvino_int8_engines(loaded, calibration: list[Path], workdir: Path) -> dict:
+def openvino_int8_engines(loaded, calibration: list[Path], target: float, workdir: Path) -> dict:
     """OpenVINO int8 through export's code (``vitcli.benchmark_runners.openvino_int8_ir``: NNCF's
-    accuracy control towards 98% top-1 agreement on the calibration photos), compiled with its float
+    accuracy control towards ``target`` top-1 agreement on the calibration photos), compiled with its float
     parts at fp32 (as `vitcli predict model.int8.xml` runs it) and at bf16 where that is native."""
     import openvino as ov
 
@@ -265,7 +265,7 @@ def openvino_int8_engines(loaded, calibration: list[Path], workdir: Path) -> dic
     from vitcli.export.job import load_exportable
 
     t0 = time.perf_counter()
-    path = openvino_int8_ir(load_exportable(loaded.name), [str(p) for p in calibration], 0.98, workdir,
+    path = openvino_int8_ir(load_exportable(loaded.name), [str(p) for p in calibration], target, workdir,
                             lambda msg: print(f"  {msg}"))
     print(f"  int8 IR built in {time.perf_counter() - t0:.0f} s on {len(calibration)} hymenoptera/train photos")
     int8 = ov.Core().read_model(str(path))
@@ -275,7 +275,7 @@ def openvino_int8_engines(loaded, calibration: list[Path], workdir: Path) -> dic
     return engines
 
 
-def model_table(loaded, ov_model, batch: int, repeats: int, calibration_images: int) -> None:
+def model_table(loaded, ov_model, batch: int, repeats: int, calibration_images: int, int8_target: float) -> None:
     """Model-only img/s of every engine, interleaved, and its agreement with torch fp32 on the shared photos
     (those int8 was not calibrated on)."""
     import timm
@@ -294,7 +294,7 @@ def model_table(loaded, ov_model, batch: int, repeats: int, calibration_images: 
                "openvino fp32": openvino_engine(ov_model, "f32"), "openvino bf16": openvino_engine(ov_model, "bf16")}
     with tempfile.TemporaryDirectory() as tmp:
         if calibration:
-            engines.update(openvino_int8_engines(loaded, calibration, Path(tmp)))
+            engines.update(openvino_int8_engines(loaded, calibration, int8_target, Path(tmp)))
         engines["onnxruntime fp32"] = onnx_engine(loaded, Path(tmp))
         reference = probabilities(engines["torch fp32"], inputs, batch)
         checks = {name: agreement(reference, probabilities(run, inputs, batch)) for name, run in engines.items()}
@@ -324,6 +324,8 @@ def main() -> None:
     parser.add_argument("--no-bound", action="store_true", help="skip the decode-once bound")
     parser.add_argument("--calibration-images", type=int, default=100,
                         help="hymenoptera/train photos OpenVINO int8 is calibrated on (0: no int8 rows)")
+    parser.add_argument("--int8-target", type=float, default=0.98,
+                        help="int8 accuracy-control target: top-1 agreement with fp32 on the calibration photos")
     args = parser.parse_args()
 
     import openvino
@@ -339,7 +341,7 @@ def main() -> None:
     size = tuple(loaded.data_config["input_size"][1:])
     ov_model = openvino_model(model, size)
     if not args.no_models:
-        model_table(loaded, ov_model, args.batch, args.repeats, args.calibration_images)
+        model_table(loaded, ov_model, args.batch, args.repeats, args.calibration_images, args.int8_target)
 
     hymenoptera = [str(p) for p in photos(DATA / "hymenoptera")]
     if args.no_bound:
