@@ -87,7 +87,8 @@ def test_run_benchmark_times_every_backend_and_verifies_it(tiny_model_dir):
 
 @pytest.mark.parametrize("cpu, cuda_bf16, backend, expected", [
     ("amx-xeon", None, "", "openvino-bf16"), ("zen4", None, "", "openvino-bf16"), ("avx2", None, "", "openvino-fp32"),
-    ("amx-xeon", None, "torch", "torch-bf16"), ("zen4", None, "torch", "torch-fp32"),
+    ("amx-xeon", None, "torch", "torch-bf16"), ("zen4", None, "torch", "torch-bf16"),
+    ("avx2", None, "torch", "torch-fp32"),
     ("zen4", True, "", "cuda-bf16"), ("zen4", False, "", "cuda-fp32")])
 def test_the_row_predict_runs_by_default(monkeypatch, tmp_path, cpu, cuda_bf16, backend, expected):
     import torch

@@ -17,7 +17,7 @@ def cpu(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("name, torch_bf16, openvino_bf16", [
     ("amx-xeon", True, True),
-    ("zen4", False, True),  # AVX512-BF16 without AMX: OpenVINO gains, torch autocast does not
+    ("zen4", True, True),  # AVX512-BF16 without AMX: both gain (torch 1.7-1.8x, measured)
     ("icelake", False, False),
     ("avx2", False, False),
     ("avx_ne_convert", False, False),

@@ -156,7 +156,7 @@ def test_tiny_model_totals_match_an_independent_forward(tiny, tmp_path):
     from vitcli.io.transforms import eval_transform
 
     data = noise_folder(tmp_path / "data", {"dog": 5, "cat": 4, "bird": 3})
-    result = evaluate_model(tiny, data, batch_size=5, workers=0)
+    result = evaluate_model(tiny, data, batch_size=5, workers=0, precision="fp32")  # exact: compared with fp32
     matrix = result.matrix
     assert result.n_images == 12 == int(matrix.sum())
     assert result.top1 == pytest.approx(matrix.trace().item() / matrix.sum().item())
@@ -164,7 +164,7 @@ def test_tiny_model_totals_match_an_independent_forward(tiny, tmp_path):
 
     paths = sorted(str(p) for p in data.rglob("*.png"))
     truth = [Path(p).parent.name for p in paths]
-    preds = list(predict(tiny, paths, PredictOptions(top_k=1, workers=0, fast_decode=False)))
+    preds = list(predict(tiny, paths, PredictOptions(top_k=1, workers=0, fast_decode=False, precision="fp32")))
     assert result.top1 == pytest.approx(sum(p.top[0].label == t for p, t in zip(preds, truth, strict=True)) / 12)
 
     transform = eval_transform(tiny.data_config)

@@ -65,7 +65,8 @@ def test_preprocess_equals_timms_eval_transform(config, norm):
 def test_predict_on_onnx_equals_predict_on_the_source_model(tiny_onnx, tiny_model_dir, images):
     args = ["predict", *map(str, images), "--json", "--top-k", "3"]
     onnx = runner.invoke(app, [*args, "--model", str(tiny_onnx)])
-    torch_ = runner.invoke(app, [*args, "--model", str(tiny_model_dir), "--exact-decode", "--workers", "0"])
+    torch_ = runner.invoke(app, [*args, "--model", str(tiny_model_dir), "--exact-decode", "--workers", "0",
+                                 "--precision", "fp32"])
     assert onnx.exit_code == 0 and torch_.exit_code == 0, onnx.stderr + torch_.stderr
     a = [json.loads(line) for line in onnx.stdout.splitlines()]
     b = [json.loads(line) for line in torch_.stdout.splitlines()]

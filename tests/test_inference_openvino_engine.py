@@ -91,7 +91,7 @@ def test_predict_on_xml_equals_predict_on_the_source_model(tiny_ir, tiny_model_d
     args = ["predict", *map(str, images), "--json", "--top-k", "3"]
     ov = runner.invoke(app, ["predict", str(tiny_ir), *args[1:]])
     torch_ = runner.invoke(app, [*args, "--model", str(tiny_model_dir), "--exact-decode", "--workers", "0",
-                                 "--backend", "torch"])
+                                 "--backend", "torch", "--precision", "fp32"])
     assert ov.exit_code == 0 and torch_.exit_code == 0, ov.stderr + torch_.stderr
     a = [json.loads(line) for line in ov.stdout.splitlines()]
     b = [json.loads(line) for line in torch_.stdout.splitlines()]

@@ -116,8 +116,8 @@ def finetune(
         "--ema-decay", min=0.0, max=1.0, help="EMA decay, reached after a warmup.",
         show_default=shown("ema_decay"))] = None,
     precision: Annotated[TrainPrecision | None, typer.Option(
-        "--precision", help="auto: bf16 on GPUs with native bf16 (Ampere and newer) and on CPUs with AMX, fp16 "
-                            "with loss scaling on other GPUs (V100, T4), else fp32.",
+        "--precision", help="auto: bf16 on GPUs with native bf16 (Ampere and newer) and on CPUs with "
+                            "AVX512-BF16 or AMX, fp16 with loss scaling on other GPUs (V100, T4), else fp32.",
         show_default=shown("precision"))] = None,
     device: Annotated[Device | None, typer.Option(
         "--device", help="Where to train: auto picks cuda, then mps, then cpu (torchrun: one GPU per process).",

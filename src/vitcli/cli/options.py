@@ -60,8 +60,9 @@ DeviceOpt = Annotated[str, typer.Option(
     help="Where to run: auto picks cuda, then mps, then cpu; cuda:N picks GPU N.",
 )]
 PrecisionOpt = Annotated[Precision, typer.Option(
-    "--precision", help="auto: bf16 autocast on GPUs with native bf16 and on CPUs where it is faster (AMX), "
-                        "fp32 with TF32 matmuls on other GPUs, else fp32. fp32 is exact; tf32 and fp16 need a GPU.",
+    "--precision", help="auto: bf16 autocast on GPUs with native bf16 and on CPUs where it is faster "
+                        "(AVX512-BF16, AMX), fp32 with TF32 matmuls on other GPUs, else fp32. fp32 is exact; "
+                        "tf32 and fp16 need a GPU.",
 )]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 WorkersOpt = Annotated[int | None, typer.Option(
