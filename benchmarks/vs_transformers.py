@@ -39,7 +39,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-DATA = Path(os.environ.get("VITCLI_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# ../shared/data beside the checkout (a worktree one level deeper finds it too), or $VITCLI_SHARED_DATA
+SHARED = [up / "shared" / "data" for up in ROOT.parents[:2]]
+DATA = Path(os.environ.get("VITCLI_SHARED_DATA") or next((d for d in SHARED if d.is_dir()), SHARED[0]))
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 HF_DEFAULT = "transformers pipeline, default (fp32, batch_size unset)"
@@ -211,6 +213,8 @@ def main() -> None:
           f"openvino {openvino.__version__}")
     print(f"start: {load_line()} (other sessions share this machine: compare ratios within the run)")
     files, skipped = readable_photos(args.folder)
+    if not files:
+        raise SystemExit(f"no JPEG/PNG photos under {args.folder}: pass --folder or set VITCLI_SHARED_DATA")
     print(f"{len(files)} JPEG/PNG photos under {args.folder}; left out of the in-process runs: "
           f"{'; '.join(skipped) or 'none'}")
 
