@@ -225,7 +225,8 @@ def main() -> None:
         diffs = [transformers_deit.check_logits(loaded.model, model, processor, photo)
                  for photo in (ROOT / "examples" / "corgi.jpg", Path(files[0]))]
         print(f"converted model = timm's: max |logit diff| {max(diffs):.2g} on 2 photos (limit 1e-3); "
-              f"processor {type(processor).__name__} (size {processor.size}, crop {processor.crop_size})")
+              f"processor {type(processor).__name__} (resize to {processor.size.height}x{processor.size.width}, "
+              f"crop {processor.crop_size.height}x{processor.crop_size.width})")
 
         classify = pipeline("image-classification", model=model, image_processor=processor, device="cpu")
         said: list[str] = []
