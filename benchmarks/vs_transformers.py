@@ -100,7 +100,7 @@ def readable_photos(folder: Path) -> tuple[list[str], list[str]]:
 
 
 def transformers_run(classify, **call) -> Run:
-    def run(files: list[str]) -> list[str]:
+    def run(files: list[str]) -> list[Top1]:
         return [(top[0]["label"], top[0]["score"]) for top in classify(files, **call)]
     return run
 
@@ -112,7 +112,7 @@ def vitcli_run(options, backend: str | None, said: list[str]) -> Run:
 
     predictor = predictor_for(DEFAULT_MODEL, None, options, backend=backend, say=said.append)()
 
-    def run(files: list[str]) -> list[str]:
+    def run(files: list[str]) -> list[Top1]:
         out = []
         for record in predictor(iter(files)):
             if not record.ok:
