@@ -74,6 +74,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def jpeg_drafts(monkeypatch) -> list[tuple[int, int]]:
+    """The sizes of the JPEGs Pillow is asked to decode at a reduced DCT scale (``draft``), in order."""
+    from PIL import JpegImagePlugin
+
+    drafted: list[tuple[int, int]] = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = real_draft(self, mode, size)
+        drafted.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    return drafted
+
+
+@pytest.fixture
 def images(tmp_path) -> list[Path]:
     """Three small RGB JPEG/PNG images."""
     return [make_image(tmp_path / "imgs" / f"img{i}.{ext}", seed=i) for i, ext in enumerate(["jpg", "png", "jpg"])]

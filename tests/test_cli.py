@@ -267,21 +267,11 @@ def test_tta_bf16_and_workers_flags(tiny_model_dir, images):
             assert records == json_lines(plain.stdout)
 
 
-def test_jpegs_are_decoded_at_a_reduced_scale_unless_exact_decode(tiny_model_dir, tmp_path, monkeypatch):
+def test_jpegs_are_decoded_at_a_reduced_scale_unless_exact_decode(tiny_model_dir, tmp_path, jpeg_drafts):
     """640x480 JPEGs for a 160x160 model: libjpeg's draft decodes them at 1/2 scale (320x240) by default;
     --exact-decode decodes every pixel."""
-    from PIL import JpegImagePlugin
-
     photos = [make_image(tmp_path / f"p{i}.jpg", size=(640, 480), seed=i) for i in range(3)]
-    drafted: list[tuple[int, int]] = []
-    real_draft = JpegImagePlugin.JpegImageFile.draft
-
-    def spy(self, mode, size):
-        result = real_draft(self, mode, size)
-        drafted.append(self.size)
-        return result
-
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    drafted = jpeg_drafts
 
     fast = predict_tiny(tiny_model_dir, *photos, "--json", "--top-k", "3", "--workers", "0")
     assert fast.exit_code == 0, fast.stderr

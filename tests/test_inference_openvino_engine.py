@@ -306,12 +306,10 @@ def test_compiled_with_a_stream_per_cpu_shared_among_torchrun_processes(monkeypa
 
 
 @pytest.mark.parametrize("engine", ["openvino", "onnx"])
-def test_jpegs_are_decoded_at_a_reduced_scale_unless_exact_decode(tiny_ir, tiny_model_dir, tmp_path, monkeypatch,
+def test_jpegs_are_decoded_at_a_reduced_scale_unless_exact_decode(tiny_ir, tiny_model_dir, tmp_path, jpeg_drafts,
                                                                   engine):
     """As torch's predict: 640x480 JPEGs for a 160x160 model decode at 1/2 scale (320x240) by default
     (a 12-megapixel photo at 1/8: most of its decoding time); --exact-decode decodes every pixel."""
-    from PIL import JpegImagePlugin
-
     model = tiny_ir
     if engine == "onnx":
         from vitcli.export.job import ExportOptions, export_model
@@ -319,15 +317,7 @@ def test_jpegs_are_decoded_at_a_reduced_scale_unless_exact_decode(tiny_ir, tiny_
         (f,) = export_model(str(tiny_model_dir), options=ExportOptions(output=tmp_path / "m")).files
         model = f.path
     photos = [make_image(tmp_path / f"p{i}.jpg", size=(640, 480), seed=i) for i in range(3)]
-    drafted: list[tuple[int, int]] = []
-    real_draft = JpegImagePlugin.JpegImageFile.draft
-
-    def spy(self, mode, size):
-        result = real_draft(self, mode, size)
-        drafted.append(self.size)
-        return result
-
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    drafted = jpeg_drafts
     args = ["predict", str(model), *map(str, photos), "--json", "--top-k", "3"]
     fast = runner.invoke(app, args)
     assert fast.exit_code == 0, fast.stderr
