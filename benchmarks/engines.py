@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import flags_line, load_line  # benchmarks/_machine.py, beside this script
 
-from vitcli.cpuinfo import cpu_flags, describe_cpu, fast_bf16, usable_cpus
+from vitcli.cpuinfo import describe_cpu, fast_bf16, usable_cpus
 from vitcli.inference.pipeline import chunked, decode_once_bound, pipelined
 
 DATA = Path(os.environ.get("VITCLI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -41,19 +42,6 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 def photos(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def flags_line() -> str:
-    wanted = sorted(f for f in cpu_flags() if f == "avx2" or f.startswith(("avx512", "amx")))
-    return " ".join(wanted) or "(none)"
-
-
-def load_line() -> str:
-    one, five, _ = os.getloadavg()
-    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {usable_cpus()} usable CPUs"
-
-
-# ------------------------------------------------------------------------------------ engines
 
 
 def torch_engine(model: torch.nn.Module, bf16: bool):

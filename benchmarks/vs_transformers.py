@@ -37,6 +37,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _machine import flags_line, load_line  # benchmarks/_machine.py, beside this script
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # ../shared/data beside the checkout (a worktree one level deeper finds it too), or $VITCLI_SHARED_DATA
@@ -52,20 +54,6 @@ HF_CLI = "transformers pipeline process (default)"
 
 Top1 = tuple[str, float]  # label, probability
 Run = Callable[[list[str]], list[Top1]]  # image paths -> the top-1 of each, in order
-
-
-def flags_line() -> str:
-    from vitcli.cpuinfo import cpu_flags
-
-    wanted = sorted(f for f in cpu_flags() if f == "avx2" or f.startswith(("avx512", "amx")))
-    return " ".join(wanted) or "(none)"
-
-
-def load_line() -> str:
-    from vitcli.cpuinfo import usable_cpus
-
-    one, five, _ = os.getloadavg()
-    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {usable_cpus()} usable CPUs"
 
 
 def wait_for_load(limit: float, patience_s: float = 600) -> None:

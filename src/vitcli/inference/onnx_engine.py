@@ -143,7 +143,10 @@ def load_onnx(path: str | Path, device: str = "auto", threads: int | None = None
         raise UsageError(f"ONNX file '{path}' does not exist")
     chosen = providers(device)  # a device this runtime cannot use is a usage error, raised as it is
     threads = threads or max(1, usable_cpus() // max(1, torchrun_rank().local_world))
-    streams = 0 if chosen[0] != "CPUExecutionProvider" else default_streams(threads) if streams is None else streams
+    if chosen[0] != "CPUExecutionProvider":  # a GPU runs one batch at a time
+        streams = 0
+    elif streams is None:
+        streams = default_streams(threads)
     try:
         session = ort.InferenceSession(str(path), session_options(max(1, threads // max(1, streams)), spin),
                                        providers=chosen)
